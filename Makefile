@@ -1,0 +1,34 @@
+# Two entry points: `make demo` and `make test`. Both create .venv when it is missing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# torch is pinned: these wheels are on this machine's disk; any other version downloads GBs.
+TORCH   := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test setup slurm-deps clean bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Debian's slurm-wlm + munge for the SLURM tests (a real one-node cluster is started by the tests).
+slurm-deps:
+	bash slurm/install-deps.sh
+
+demo: $(STAMP)
+	$(BIN)/compt-scale demo --out runs/demo
+
+test: $(STAMP) slurm-deps
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/grow.py
+
+clean:
+	rm -rf runs .pytest_cache
