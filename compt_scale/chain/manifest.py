@@ -1,0 +1,76 @@
+"""The chain manifest: `<out>/manifest.json`, one record per stage (status, sizes, cost, job ids).
+
+Written atomically (temp file + rename) under a file lock, so a killed process never leaves a torn
+manifest and concurrent writers (a SLURM submitter and a running stage) do not lose updates.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+STATUSES = ("pending", "submitted", "running", "preempted", "done", "failed")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Manifest:
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "manifest.json"
+
+    @contextmanager
+    def _locked(self):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / ".manifest.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def read(self) -> dict:
+        if not self.path.is_file():
+            return {"chain": None, "stages": {}}
+        return json.loads(self.path.read_text())
+
+    def stage(self, name: str) -> dict:
+        return self.read()["stages"].get(name, {})
+
+    def init(self, spec) -> None:
+        """Record every stage of the spec (keeping what earlier runs recorded)."""
+        with self._locked():
+            data = self.read()
+            data["chain"] = spec.name
+            data["spec"] = spec.source
+            stages = data.setdefault("stages", {})
+            for kind, items in (("chain", spec.stages), ("baseline", spec.baselines)):
+                for i, s in enumerate(items):
+                    rec = stages.setdefault(s.name, {"status": "pending"})
+                    rec.update(kind=kind, index=i, model=s.model)
+            atomic_write_text(self.path, json.dumps(data, indent=2))
+
+    def update_stage(self, name: str, **fields) -> dict:
+        with self._locked():
+            data = self.read()
+            rec = data.setdefault("stages", {}).setdefault(name, {"status": "pending"})
+            if "status" in fields:
+                assert fields["status"] in STATUSES, fields["status"]
+                fields.setdefault("updated", time.time())
+            rec.update(fields)
+            atomic_write_text(self.path, json.dumps(data, indent=2))
+            return rec
+
+    def is_done(self, name: str) -> bool:
+        return self.stage(name).get("status") == "done"
