@@ -88,8 +88,6 @@ def forward_features(model, input_ids: torch.Tensor, labels: torch.Tensor):
 
 def validate_chain(spec) -> None:
     """Config-level checks that need the family: presets exist, sizes grow, growth is possible."""
-    from ..grow import check_growable
-
     vocab = spec.data.vocab_size
     prev = None
     for i, stage in enumerate(spec.stages):
@@ -115,6 +113,7 @@ def validate_chain(spec) -> None:
             if param_count(cfg) <= param_count(p_cfg):
                 raise CompTError(f"{where}: {stage.model!r} is not larger than its predecessor {p_stage.model!r}")
             g = spec.growth_for(stage)
+            from ..grow import check_growable
             try:
                 check_growable(p_cfg, cfg, width=g.width, depth=g.depth)
             except CompTError as e:

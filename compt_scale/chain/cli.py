@@ -1,0 +1,59 @@
+"""`demo`, `chain` and `stage` subcommands."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..config import load_chain
+
+DEMO_SPEC = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="train the embedded default chain (+ independent baseline) on CPU")
+    p.add_argument("--out", default="runs/demo", type=Path)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("chain", help="run every stage of a chain spec in order")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--resume", action="store_true", help="skip finished stages, continue interrupted ones")
+    p.add_argument("--nproc", type=int, default=None, help="ranks per stage (default: the spec's nproc)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the independent baseline runs")
+    p.set_defaults(func=cmd_chain)
+
+    p = sub.add_parser("stage", help="run one stage (what each SLURM job runs); use under a launcher for >1 rank")
+    p.add_argument("spec", type=Path)
+    p.add_argument("--stage", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--resume", action="store_true", help="continue from the stage's latest checkpoint")
+    p.set_defaults(func=cmd_stage)
+
+
+def _chain(spec_path: Path, out: Path, resume: bool, nproc=None, baselines=True) -> int:
+    from .runner import run_chain
+    spec = load_chain(spec_path)
+    run_chain(spec, spec_path, out, resume=resume, include_baselines=baselines, nproc=nproc)
+    try:
+        from ..report import report_table, write_report
+    except ImportError:
+        return 0
+    print(report_table(out))
+    print(f"report: {write_report(out)}")
+    return 0
+
+
+def cmd_chain(args) -> int:
+    return _chain(args.spec, args.out, args.resume, args.nproc, not args.no_baselines)
+
+
+def cmd_demo(args) -> int:
+    return _chain(DEMO_SPEC, args.out, args.resume)
+
+
+def cmd_stage(args) -> int:
+    from .stage import run_stage
+    spec = load_chain(args.spec)
+    run_stage(spec, args.stage, args.out, resume=args.resume)
+    return 0

@@ -1,0 +1,156 @@
+"""Tokenize once, pack into fixed-length sequences, store as a memory-mapped token stream.
+
+Layout of the prepared data dir (built atomically: a temp dir renamed into place, under a lock, so
+concurrent ranks or jobs never see half of it):
+  tokenizer/      HF tokenizer dir (SentencePiece trained here, or a copy of the user's)
+  train.bin       flat token stream (uint16 when the vocab fits, else uint32), documents joined by EOS
+  val.bin
+  meta.json       vocab_size, dtype, seq_len, token counts, the DataSpec that built it
+Sample i is tokens[i*L : i*L + L + 1] (inputs + shifted targets), so a sample index fully determines
+the data, and the sampler below maps (step, rank) to sample indices with no state beyond the step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CompTError
+from .corpus import load_splits
+
+
+def _train_sentencepiece(texts, vocab_size: int, work: Path):
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    sample = work / "spm_input.txt"
+    with open(sample, "w") as f:
+        for t in texts:
+            f.write(t.replace("\x00", "") + "\n")
+    prefix = work / "spm"
+    # byte_fallback + identity normalization: any text (code indentation, unicode) round-trips exactly.
+    spm.SentencePieceTrainer.train(
+        input=str(sample), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, split_digits=True, num_threads=os.cpu_count() or 1,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, normalization_rule_name="identity",
+        input_sentence_size=200_000, shuffle_input_sentence=True, minloglevel=2)
+    tok_dir = work / "sp"
+    tok_dir.mkdir()
+    shutil.copy(f"{prefix}.model", tok_dir / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(str(tok_dir))
+    sample.unlink()
+    return tok
+
+
+def _tokenize_to(ds, tok, path: Path, dtype) -> int:
+    eos = tok.eos_token_id
+    n = 0
+    with open(path, "wb") as f:
+        for start in range(0, len(ds), 256):
+            batch = ds[start:start + 256]["text"]
+            for ids in tok(batch, add_special_tokens=False)["input_ids"]:
+                arr = np.asarray(ids + [eos], dtype=dtype)
+                f.write(arr.tobytes())
+                n += arr.size
+    return n
+
+
+def prepare_data(data, out: Path) -> Path:
+    """Build (or reuse) the prepared data dir for a DataSpec. Safe to call from every rank."""
+    out = Path(out)
+    meta_p = out / "meta.json"
+    spec_d = dataclasses.asdict(data)
+    spec_d.pop("cache_dir", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if meta_p.is_file():
+            meta = json.loads(meta_p.read_text())
+            if meta["spec"] != spec_d:
+                raise CompTError(f"data cache {out} was built from a different data spec; remove it or "
+                                 "set data.cache_dir elsewhere")
+            return out
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            train, val = load_splits(data, tmp)
+            if data.tokenizer == "train":
+                tok = _train_sentencepiece(train["text"], data.vocab_size, tmp)
+            else:
+                from transformers import AutoTokenizer
+                tok = AutoTokenizer.from_pretrained(data.tokenizer)
+            if tok.eos_token_id is None:
+                raise CompTError(f"data.tokenizer: {data.tokenizer} has no EOS token")
+            tok.save_pretrained(str(tmp / "tokenizer"))
+            shutil.rmtree(tmp / "sp", ignore_errors=True)
+            vocab = len(tok)
+            dtype = np.uint16 if vocab <= 65535 else np.uint32
+            counts = {s: _tokenize_to(d, tok, tmp / f"{s}.bin", dtype) for s, d in (("train", train), ("val", val))}
+            for s, c in counts.items():
+                if c < 2 * (data.seq_len + 1):
+                    raise CompTError(f"data: the {s} split has only {c} tokens, fewer than two sequences of "
+                                     f"seq_len {data.seq_len}")
+            for junk in ("hf-cache", "corpus.train.jsonl", "corpus.val.jsonl", "spm.model", "spm.vocab"):
+                p = tmp / junk
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            (tmp / "meta.json").write_text(json.dumps(
+                {"vocab_size": vocab, "dtype": np.dtype(dtype).name, "seq_len": data.seq_len,
+                 "tokens": counts, "spec": spec_d}, indent=2))
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+class PackedTokens:
+    """Fixed-length samples over a memory-mapped token stream."""
+
+    def __init__(self, data_dir: Path, split: str, seq_len: int):
+        meta = json.loads((Path(data_dir) / "meta.json").read_text())
+        self.tokens = np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+        self.seq_len = seq_len
+        self.num_samples = (len(self.tokens) - 1) // seq_len
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        L = self.seq_len
+        rows = np.stack([np.asarray(self.tokens[i * L: i * L + L + 1], dtype=np.int64) for i in indices])
+        t = torch.from_numpy(rows)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def sample_indices(num_samples: int, seed: int, step: int, micro: int, grad_accum: int,
+                   micro_batch: int, rank: int, world: int) -> list[int]:
+    """Sample ids for (step, micro-step, rank): a seeded permutation per epoch, no hidden state, so a
+    resumed run reads exactly what an uninterrupted one would have."""
+    per_step = micro_batch * world * grad_accum
+    first = step * per_step + micro * micro_batch * world + rank * micro_batch
+    out = []
+    for g in range(first, first + micro_batch):
+        epoch, pos = divmod(g, num_samples)
+        perm = _perm(num_samples, seed + epoch)
+        out.append(int(perm[pos]))
+    return out
+
+
+_PERM_CACHE: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _perm(n: int, seed: int) -> np.ndarray:
+    key = (n, seed)
+    if key not in _PERM_CACHE:
+        _PERM_CACHE.clear()
+        _PERM_CACHE[key] = np.random.default_rng(seed).permutation(n)
+    return _PERM_CACHE[key]

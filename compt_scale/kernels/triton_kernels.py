@@ -1,0 +1,113 @@
+"""Triton kernels of the fused IFD loss. Pure kernels; launch logic lives in triton_ifd.py.
+
+Shapes: S [M, K] (student, K = d_s), W [N, K] (weight, N = d_t), T [M, N] (teacher).
+All accumulation is fp32. DOT_FP32 is set only under TRITON_INTERPRET=1 with bf16 inputs: the
+numpy interpreter (triton 3.8) multiplies bf16 dot operands as raw bits; bf16 values widened to fp32
+multiply exactly, so the fp32 dot gives the same math (products exact, fp32 sums) as the GPU's. Every output tile is owned by exactly one program and partial sums are
+written to per-program slots that the host reduces in a fixed order: no atomics, so results are
+bitwise reproducible run to run.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ("swizzled") launch order: consecutive programs share A row-blocks in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _proj_err_kernel(
+    s_ptr, w_ptr, b_ptr, t_ptr, out_ptr, part_ptr, gscale_ptr,
+    M, N, K,
+    stride_sm, stride_sk, stride_wn, stride_wk, stride_tm, stride_tn, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, WRITE_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y tile = S W^T + b, then in the epilogue E = Y - T (fp32).
+
+    WRITE_GRAD=False (forward): part[pid_m, pid_n] = sum(E^2) over the tile.
+    WRITE_GRAD=True (backward): dY = 2 * gscale * E is stored to out (the chunk buffer, in the
+    compute dtype) and part[pid_m, n] = column sums of dY in fp32 (db partials).
+    Out-of-range rows/cols are masked to 0 so they add nothing to the sums.
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_n = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mask_k = kk < K
+        a = tl.load(s_ptr + rm[:, None] * stride_sm + kk[None, :] * stride_sk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # W^T tile [BLOCK_K, BLOCK_N], cast to the student's dtype (e.g. fp32 master weight, bf16 S).
+        b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
+                    mask=mask_n[None, :] & mask_k[:, None], other=0.0).to(a.dtype)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    t = tl.load(t_ptr + rm[:, None] * stride_tm + rn[None, :] * stride_tn, mask=mask, other=0.0)
+    err = tl.where(mask, acc - t.to(tl.float32), 0.0)
+    if WRITE_GRAD:
+        gscale = tl.load(gscale_ptr).to(tl.float32)
+        dy = err * (2.0 * gscale)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+                 dy.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(part_ptr + pid_m * N + rn, tl.sum(dy, axis=0), mask=mask_n)
+    else:
+        tl.store(part_ptr + pid_m * tl.cdiv(N, BLOCK_N) + pid_n, tl.sum(tl.sum(err * err, axis=1), axis=0))
+
+
+@triton.jit
+def _matmul_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] (+)= A[M, K] @ B[K, N], fp32 accumulation, B cast to A's dtype.
+
+    ACCUMULATE: C is an fp32 buffer that already holds earlier chunks' sums (dW across token
+    chunks): loaded, added to and stored by the single program owning the tile, chunks run in
+    order, so the accumulation is fp32 and deterministic.
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_n = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mask_k = kk < K
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(a.dtype)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    mask = mask_m[:, None] & mask_n[None, :]
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask, other=0.0)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)

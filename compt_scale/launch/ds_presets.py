@@ -1,0 +1,188 @@
+"""DeepSpeed config for one stage: a preset from `ds_configs/` picked by model size, "auto" values
+filled from the chain spec's TrainSpec.
+
+Rule used when `train.zero_stage` is "auto" (parameter count of the *student* of the stage):
+
+    n_params <  1e9   -> zero1-small.json       (ZeRO-1: optimizer states sharded)
+    n_params <  7e9   -> zero2-medium.json      (ZeRO-2: + gradients sharded)
+    n_params < 30e9   -> zero3-large.json       (ZeRO-3: + parameters sharded)
+    otherwise         -> zero3-offload-xl.json  (ZeRO-3 + optimizer and parameters offloaded to CPU)
+
+Tiny CPU test models fall in the first bucket: ZeRO-1 is cheap on one rank and still exercises the
+sharded-optimizer checkpoint layout that the bigger presets use, so there is no separate ZeRO-0 bucket.
+A numeric `zero_stage` forces that stage (0 and 1 use zero1-small with the stage set, 2 zero2-medium,
+3 zero3-large; offload is only chosen by size or by an explicit `ds_config`). An explicit
+`train.ds_config` file replaces the preset; a numeric `zero_stage` still overrides its stage.
+
+The TrainSpec is the single source of truth for what it holds (batch sizes, lr, weight decay, clip,
+precision): the trainer's data loader and LR schedule use those values, so a ds_config that states a
+different number is an error naming the key rather than a silent mismatch. Keys the TrainSpec does
+not hold (betas, eps, bucket sizes) keep explicit values; "auto" gives our defaults.
+
+There is never a "scheduler": the trainer drives the learning rate itself with a torch LambdaLR that it
+passes to `deepspeed.initialize` (one schedule for every ZeRO stage, saved in our checkpoints). A
+scheduler in a user ds_config is dropped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import CompTError
+
+# Repo-root ds_configs/ (the package is installed editable); COMPT_DS_CONFIGS overrides for installs
+# that ship the presets elsewhere.
+PRESET_DIR = Path(os.environ.get("COMPT_DS_CONFIGS", Path(__file__).resolve().parents[2] / "ds_configs"))
+
+# (upper bound on parameter count, preset); the last bound is infinite.
+SIZE_RULE = [
+    (1_000_000_000, "zero1-small"),
+    (7_000_000_000, "zero2-medium"),
+    (30_000_000_000, "zero3-large"),
+    (float("inf"), "zero3-offload-xl"),
+]
+STAGE_PRESET = {0: "zero1-small", 1: "zero1-small", 2: "zero2-medium", 3: "zero3-large"}
+
+BETAS = [0.9, 0.95]
+EPS = 1e-8
+STEPS_PER_PRINT = 1_000_000_000  # our trainer logs; DeepSpeed's own step prints are noise
+
+# ZeRO keys that HF-style configs leave "auto" (derived there from hidden size). We do not know the
+# hidden size here, so an "auto" for these is removed and DeepSpeed's own default applies.
+_ZERO_AUTO_DROPPABLE = {
+    "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+    "sub_group_size",
+}
+
+
+def pick_preset(n_params: int, zero_stage: int | str = "auto") -> str:
+    """Name of the ds_configs preset (without .json) for a model of n_params parameters."""
+    if zero_stage != "auto":
+        if zero_stage not in STAGE_PRESET:
+            raise CompTError(f"train.zero_stage: must be 0, 1, 2, 3 or 'auto', got {zero_stage!r}")
+        return STAGE_PRESET[zero_stage]
+    for bound, name in SIZE_RULE:
+        if n_params < bound:
+            return name
+    raise AssertionError("unreachable: last bound is infinite")
+
+
+def load_preset(name: str) -> dict:
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise CompTError(f"DeepSpeed preset not found: {path}")
+    return json.loads(path.read_text())
+
+
+def _load_json(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise CompTError(f"train.ds_config: file not found: {p}")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CompTError(f"train.ds_config: {p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise CompTError(f"train.ds_config: {p}: top level must be a JSON object")
+    return cfg
+
+
+def _set(section: dict, key: str, value: Any, where: str) -> None:
+    """Fill `key` from the TrainSpec: an "auto" or missing value takes it; an explicit one must agree."""
+    cur = section.get(key, "auto")
+    if cur == "auto" or cur is None:
+        section[key] = value
+    elif isinstance(value, bool) or isinstance(cur, bool):
+        if bool(cur) != bool(value):
+            raise CompTError(f"ds_config {where}{key}: {cur!r} contradicts the chain spec ({value!r})")
+    elif float(cur) != float(value):
+        raise CompTError(f"ds_config {where}{key}: {cur!r} contradicts the chain spec ({value!r}); "
+                         f"set it in the spec's train: section or use \"auto\"")
+
+
+def _find_auto(obj: Any, path: str = "") -> list[str]:
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in _find_auto(v, f"{path}.{k}" if path else k)]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in _find_auto(v, f"{path}[{i}]")]
+    return [path] if obj == "auto" else []
+
+
+def build_ds_config(n_params: int, train, world_size: int, cuda: bool | None = None) -> dict:
+    """The DeepSpeed config dict for a stage whose student has n_params parameters.
+
+    `train` is a compt_scale.config.TrainSpec. `cuda` says whether ranks run on GPUs (default: ask
+    torch); without CUDA the optimizer is torch's AdamW (`torch_adam`), because DeepSpeed's FusedAdam
+    and DeepSpeedCPUAdam are C++/CUDA extensions that would have to be JIT-compiled on CPU boxes.
+    """
+    if world_size < 1:
+        raise CompTError(f"world_size must be >= 1, got {world_size}")
+    if cuda is None:
+        import torch
+        cuda = torch.cuda.is_available()
+    cfg = copy.deepcopy(_load_json(train.ds_config) if train.ds_config
+                        else load_preset(pick_preset(n_params, train.zero_stage)))
+
+    # Batch geometry: train_batch_size = micro * accum * world, as DeepSpeed checks.
+    mb, ga = train.micro_batch_size, train.grad_accum
+    _set(cfg, "train_micro_batch_size_per_gpu", mb, "")
+    _set(cfg, "gradient_accumulation_steps", ga, "")
+    _set(cfg, "train_batch_size", mb * ga * world_size, "")
+    _set(cfg, "gradient_clipping", train.grad_clip, "")
+
+    # Precision: bf16 from the spec; fp16 is not something the spec can ask for, so it must be off.
+    bf16 = cfg.setdefault("bf16", {})
+    _set(bf16, "enabled", train.precision == "bf16", "bf16.")
+    if cfg.get("fp16", {}).get("enabled") not in (None, False, "auto"):
+        raise CompTError("ds_config fp16.enabled: fp16 is not supported; use train.precision: bf16")
+    cfg.pop("fp16", None)
+
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+        raise CompTError(f"ds_config optimizer.type: {opt.get('type')!r}; only AdamW is supported")
+    opt["type"] = "AdamW"
+    params = opt.setdefault("params", {})
+    _set(params, "lr", train.lr, "optimizer.params.")
+    _set(params, "weight_decay", train.weight_decay, "optimizer.params.")
+    if params.get("betas", "auto") == "auto":
+        params["betas"] = list(BETAS)
+    if params.get("eps", "auto") == "auto":
+        params["eps"] = EPS
+    if not cuda:
+        params["torch_adam"] = True
+
+    cfg.pop("scheduler", None)  # the trainer's LambdaLR drives lr (see module docstring)
+    cfg.setdefault("steps_per_print", STEPS_PER_PRINT)
+    if cfg["steps_per_print"] == "auto":
+        cfg["steps_per_print"] = STEPS_PER_PRINT
+
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    if train.zero_stage != "auto":
+        zero["stage"] = int(train.zero_stage)
+        if zero["stage"] < 3:  # offload_param is a ZeRO-3 feature; DeepSpeed rejects it below
+            zero.pop("offload_param", None)
+    for k in [k for k, v in zero.items() if v == "auto" and k in _ZERO_AUTO_DROPPABLE]:
+        del zero[k]
+    if not cuda:  # pinned host memory needs a CUDA driver
+        for k in ("offload_optimizer", "offload_param"):
+            if isinstance(zero.get(k), dict):
+                zero[k]["pin_memory"] = False
+
+    left = _find_auto(cfg)
+    if left:
+        raise CompTError(f"ds_config: no value for \"auto\" at {', '.join(left)} (not derived from the spec)")
+    return cfg
+
+
+def describe(n_params: int, train) -> str:
+    """One line for logs: which preset/stage a stage uses and why."""
+    if train.ds_config:
+        return f"ds_config {train.ds_config}" + (f" (zero_stage {train.zero_stage} forced)"
+                                                 if train.zero_stage != "auto" else "")
+    name = pick_preset(n_params, train.zero_stage)
+    why = "forced by train.zero_stage" if train.zero_stage != "auto" else f"{n_params / 1e6:.1f}M params"
+    return f"ds preset {name} ({why})"
