@@ -13,13 +13,13 @@ def reference_sse(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Te
                   bias: torch.Tensor | None) -> torch.Tensor:
     """sum((student @ weight.T + bias - teacher)**2) over all elements, accumulated in >= fp32.
 
-    The projection is computed in the student's dtype (what eager bf16 training does), the error and
-    the sum in fp32 (fp64 when the inputs are fp64, which is how the tests build their oracle).
+    The projection S W^T is computed in the student's dtype (what eager bf16 training does); the bias,
+    the error and the sum in fp32 (fp64 when the inputs are fp64, which is how the tests build their oracle).
     """
     dt = student.dtype
-    w = weight.to(dt)
-    b = bias.to(dt) if bias is not None else None
-    y = F.linear(student, w, b)
     acc = torch.float64 if dt == torch.float64 else torch.float32
-    d = y.to(acc) - teacher.to(acc)
+    y = F.linear(student, weight.to(dt)).to(acc)
+    if bias is not None:  # in fp32, like the Triton epilogue
+        y = y + bias.to(acc)
+    d = y - teacher.to(acc)
     return (d * d).sum()

@@ -28,8 +28,8 @@ def _interpreting() -> bool:
 
 def _config(dtype: torch.dtype) -> dict:
     cfg = _block_config(dtype)
-    # See triton_kernels.py: the interpreter's bf16 tl.dot is wrong, widen its operands there only.
-    cfg["DOT_FP32"] = _interpreting() and dtype == torch.bfloat16
+    # See triton_kernels.py: works around the interpreter's bf16 dot and bf16 cast only.
+    cfg["INTERP_BF16"] = _interpreting() and dtype == torch.bfloat16
     return cfg
 
 
@@ -57,7 +57,7 @@ def _grid(m, n, cfg):
 
 def _launch_opts(cfg):
     return {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages",
-                                "DOT_FP32")}
+                                "INTERP_BF16")}
 
 
 def _proj_err(s, w, b, t, out, part, gscale, write_grad, cfg, prec):

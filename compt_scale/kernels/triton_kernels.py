@@ -1,9 +1,13 @@
 """Triton kernels of the fused IFD loss. Pure kernels; launch logic lives in triton_ifd.py.
 
 Shapes: S [M, K] (student, K = d_s), W [N, K] (weight, N = d_t), T [M, N] (teacher).
-All accumulation is fp32. DOT_FP32 is set only under TRITON_INTERPRET=1 with bf16 inputs: the
-numpy interpreter (triton 3.8) multiplies bf16 dot operands as raw bits; bf16 values widened to fp32
-multiply exactly, so the fp32 dot gives the same math (products exact, fp32 sums) as the GPU's. Every output tile is owned by exactly one program and partial sums are
+All accumulation is fp32.
+
+INTERP_BF16 is set only under TRITON_INTERPRET=1 with bf16 inputs, to work around two bugs of the
+numpy interpreter (triton 3.8) that the GPU does not have: its bf16 tl.dot multiplies raw bits (we
+widen the operands to fp32: bf16 products are exact in fp32, so the math is the GPU's), and its
+fp32 -> bf16 cast truncates instead of rounding to nearest even (we round explicitly first).
+On the GPU the flag is False and those branches are compiled out. Every output tile is owned by exactly one program and partial sums are
 written to per-program slots that the host reduces in a fixed order: no atomics, so results are
 bitwise reproducible run to run.
 """
@@ -26,11 +30,20 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _rtne_bf16(x):
+    """fp32 -> fp32 holding the nearest-even bf16 value (interpreter only, see module doc)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _proj_err_kernel(
     s_ptr, w_ptr, b_ptr, t_ptr, out_ptr, part_ptr, gscale_ptr,
     M, N, K,
     stride_sm, stride_sk, stride_wn, stride_wk, stride_tm, stride_tn, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, WRITE_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Y tile = S W^T + b, then in the epilogue E = Y - T (fp32).
@@ -54,12 +67,14 @@ def _proj_err_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         # W^T tile [BLOCK_K, BLOCK_N], cast to the student's dtype (e.g. fp32 master weight, bf16 S).
         b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
-                    mask=mask_n[None, :] & mask_k[:, None], other=0.0).to(a.dtype)
-        if DOT_FP32:
+                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+        if INTERP_BF16:
             a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            b = _rtne_bf16(b.to(tl.float32))
+        else:
+            b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
+    if HAS_BIAS:  # added to the fp32 accumulator in fp32 (not rounded to the compute dtype)
         bias = tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
         acc += bias[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -68,6 +83,8 @@ def _proj_err_kernel(
     if WRITE_GRAD:
         gscale = tl.load(gscale_ptr).to(tl.float32)
         dy = err * (2.0 * gscale)
+        if INTERP_BF16:
+            dy = _rtne_bf16(dy)
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
                  dy.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(part_ptr + pid_m * N + rn, tl.sum(dy, axis=0), mask=mask_n)
@@ -79,7 +96,7 @@ def _proj_err_kernel(
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[M, N] (+)= A[M, K] @ B[K, N], fp32 accumulation, B cast to A's dtype.
@@ -101,13 +118,17 @@ def _matmul_kernel(
         a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(a.dtype)
-        if DOT_FP32:
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if INTERP_BF16:
             a = a.to(tl.float32)
-            b = b.to(tl.float32)
+            b = _rtne_bf16(b.to(tl.float32))
+        else:
+            b = b.to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     mask = mask_m[:, None] & mask_n[None, :]
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=mask, other=0.0)
+    elif INTERP_BF16:
+        acc = _rtne_bf16(acc)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)

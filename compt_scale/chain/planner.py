@@ -1,0 +1,191 @@
+"""Chain planning: per-stage training cost, the paper's design rules, and budget filling.
+
+Rule 2 (expansion ratio 2x-4x between consecutive models) is checked and warned about; rule 3 (the
+training budget decreases linearly along the chain) is how `fill_budgets` shapes the budgets when the
+spec gives only `budget: {baseline_tokens, target_speedup}`. The cost model is compt_scale.flops
+(paper, appendix C.2): the chain's cost includes every stage's own training and its teacher's forwards.
+"""
+from __future__ import annotations
+
+import math
+
+from ..errors import CompTError
+from ..flops import human, stage_macs
+
+
+def _config(spec, stage):
+    from ..families.hf_decoder import load_config
+    cache = spec.__dict__.setdefault("_planner_configs", {})  # presets are parsed once per spec
+    if stage.model not in cache:
+        cache[stage.model] = load_config(stage.model, vocab_size=spec.data.vocab_size)
+    return cache[stage.model]
+
+
+def tokens_per_step(spec, stage) -> int:
+    """Tokens consumed by one optimizer step (micro batch x grad accum x seq len x data-parallel ranks)."""
+    t = spec.train_for(stage)
+    return t.micro_batch_size * t.grad_accum * spec.data.seq_len * spec.nproc
+
+
+def steps_for(spec, stage, tokens: int) -> int:
+    return math.ceil(tokens / tokens_per_step(spec, stage))
+
+
+def stage_cost(spec, stage, tokens: int, teacher=None) -> dict:
+    """stage_macs for `stage` trained on `tokens` (teacher: the predecessor StageSpec, or None)."""
+    t_cfg = _config(spec, teacher) if teacher is not None else None
+    return stage_macs(_config(spec, stage), t_cfg, spec.data.seq_len, tokens, steps_for(spec, stage, tokens))
+
+
+def baseline_cost(spec, tokens: int) -> dict:
+    """The largest chain model trained independently (no teacher) for `tokens`."""
+    return stage_cost(spec, spec.stages[-1], tokens)
+
+
+def fill_budgets(spec) -> None:
+    """Set every chain stage's `tokens` from `spec.budget` (rule 3), in place.
+
+    Budgets are tokens_i = s * (n - i) for stages i = 0..n-1: a linear ramp down to the largest model.
+    The scale s is solved so that the chain's predicted MACs = baseline cost / target_speedup, where
+    the baseline is the largest model trained alone on budget.baseline_tokens (the paper's "relax the
+    ratio and scale every model's epochs proportionally" is exactly a change of s). Each budget is
+    then rounded to whole optimizer steps, so the predicted speedup is within rounding of the target.
+    Baselines without tokens get baseline_tokens. Idempotent: a stage may already carry the value this
+    function would set (a resolved spec re-validated), but any other explicit value is an error.
+    """
+    b = spec.budget
+    if b is None:
+        return
+    n = len(spec.stages)
+    target = baseline_cost(spec, b.baseline_tokens)["macs"] / b.target_speedup
+    # Cost is linear in tokens on whole steps: per-token cost = cost of one step / tokens of one step.
+    per_token = []
+    for i, st in enumerate(spec.stages):
+        tps = tokens_per_step(spec, st)
+        teacher = spec.stages[i - 1] if i else None
+        per_token.append(stage_cost(spec, st, tps, teacher)["macs"] / tps)
+    weights = [n - i for i in range(n)]
+    scale = target / sum(w * c for w, c in zip(weights, per_token))
+    filled = []
+    for i, (st, w) in enumerate(zip(spec.stages, weights)):
+        tps = tokens_per_step(spec, st)
+        steps = round(scale * w / tps)
+        if steps < 1:
+            raise CompTError(
+                f"budget.target_speedup: {b.target_speedup:g}x is infeasible: stage {st.name!r} would get "
+                f"{scale * w:.0f} tokens, less than one optimizer step ({tps} tokens); lower the target "
+                f"or raise budget.baseline_tokens")
+        filled.append(steps * tps)
+    for i, (st, tokens) in enumerate(zip(spec.stages, filled)):
+        if st.tokens is not None and st.tokens != tokens:
+            raise CompTError(f"stages[{i}].tokens: {st.tokens} given together with budget: (which sets "
+                             f"{tokens}); give one or the other")
+        st.tokens = tokens
+    for st in spec.baselines:
+        if st.tokens is None:
+            st.tokens = b.baseline_tokens
+
+
+def _check_tokens(spec) -> None:
+    for kind, items in (("stages", spec.stages), ("baselines", spec.baselines)):
+        for i, st in enumerate(items):
+            if st.tokens is None:
+                raise CompTError(f"{kind}[{i}].tokens: missing budget (give tokens, or a top-level budget:)")
+
+
+def plan_rows(spec) -> list[dict]:
+    """One dict per chain stage (kind 'chain') then per baseline (kind 'baseline').
+
+    Chain rows: name, model, params, ratio (params / predecessor's params, None first), tokens, steps,
+    train_macs, teacher_macs, macs, accumulated_macs, warnings. Baseline rows: the same without ratio
+    and teacher (teacher_macs 0, accumulated_macs None).
+    """
+    from ..families.hf_decoder import param_count
+
+    if spec.budget is not None and any(st.tokens is None for st in spec.stages):
+        fill_budgets(spec)
+    _check_tokens(spec)
+    rows, acc, prev_params = [], 0, None
+    for i, st in enumerate(spec.stages):
+        teacher = spec.stages[i - 1] if i else None
+        params = param_count(_config(spec, st))
+        cost = stage_cost(spec, st, st.tokens, teacher)
+        acc += cost["macs"]
+        ratio = params / prev_params if prev_params else None
+        warnings = []
+        if ratio is not None and not 2.0 <= ratio <= 4.0:
+            warnings.append(f"expansion ratio {ratio:.2f}x from {teacher.name!r} is outside the paper's "
+                            f"2x-4x (rule 2)")
+        steps = steps_for(spec, st, st.tokens)
+        if steps <= spec.train_for(st).warmup_steps:
+            warnings.append(f"{steps} steps do not get past warmup ({spec.train_for(st).warmup_steps} steps)")
+        rows.append(dict(kind="chain", name=st.name, model=st.model, params=params, ratio=ratio,
+                         tokens=st.tokens, steps=steps, **cost, accumulated_macs=acc, warnings=warnings))
+        prev_params = params
+    for st in spec.baselines:
+        cost = stage_cost(spec, st, st.tokens)
+        rows.append(dict(kind="baseline", name=st.name, model=st.model, params=param_count(_config(spec, st)),
+                         ratio=None, tokens=st.tokens, steps=steps_for(spec, st, st.tokens), **cost,
+                         accumulated_macs=None, warnings=[]))
+    return rows
+
+
+def plan_summary(spec, rows: list[dict] | None = None) -> dict:
+    """Chain total vs the independent baseline of the largest model, and the predicted speedup.
+
+    The baseline is budget.baseline_tokens on the largest model when a budget is given, else a
+    listed baseline of the largest model; without either there is nothing to compare (None).
+    When baselines cover every chain model, `family_speedup` compares training them all independently
+    against the chain, which yields all of them too.
+    """
+    rows = rows if rows is not None else plan_rows(spec)
+    chain = [r for r in rows if r["kind"] == "chain"]
+    bases = [r for r in rows if r["kind"] == "baseline"]
+    total = chain[-1]["accumulated_macs"]
+    largest = spec.stages[-1]
+    if spec.budget is not None:
+        base, source = baseline_cost(spec, spec.budget.baseline_tokens)["macs"], \
+            f"{largest.model} alone on budget.baseline_tokens={spec.budget.baseline_tokens}"
+    else:
+        match = [r for r in bases if r["model"] == largest.model]
+        base = match[0]["macs"] if match else None
+        source = f"baseline {match[0]['name']!r}" if match else None
+    out = {"chain_macs": total, "baseline_macs": base, "baseline": source,
+           "speedup": (base / total) if base else None, "family_baseline_macs": None, "family_speedup": None}
+    by_model = {r["model"]: r["macs"] for r in bases}
+    if bases and all(r["model"] in by_model for r in chain):
+        fam = sum(by_model[r["model"]] for r in chain)
+        out.update(family_baseline_macs=fam, family_speedup=fam / total)
+    return out
+
+
+def format_plan(spec) -> str:
+    """The `compt-scale plan` table."""
+    rows = plan_rows(spec)
+    s = plan_summary(spec, rows)
+    head = f"{'stage':<14}{'model':<16}{'params':>10}{'ratio':>8}{'tokens':>14}{'steps':>8}" \
+           f"{'train MACs':>12}{'teacher':>10}{'MACs':>10}{'accum.':>10}"
+    lines = [f"chain {spec.name!r}: {len(spec.stages)} stages, seq_len {spec.data.seq_len}", head, "-" * len(head)]
+    for r in rows:
+        if r["kind"] == "baseline" and lines[-1] != "-- independent baselines":
+            lines.append("-- independent baselines")
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
+        acc = human(r["accumulated_macs"]) if r["accumulated_macs"] is not None else "-"
+        model = r["model"] if len(r["model"]) <= 15 else "..." + r["model"][-12:]
+        lines.append(f"{r['name']:<14}{model:<16}{human(r['params']):>10}{ratio:>8}{r['tokens']:>14,}"
+                     f"{r['steps']:>8}{human(r['train_macs']):>12}{human(r['teacher_macs']):>10}"
+                     f"{human(r['macs']):>10}{acc:>10}")
+    lines.append(f"chain total: {human(s['chain_macs'])} MACs ({s['chain_macs']:.4g})")
+    if s["baseline_macs"]:
+        lines.append(f"independent baseline ({s['baseline']}): {human(s['baseline_macs'])} MACs")
+        target = f" (target {spec.budget.target_speedup:g}x)" if spec.budget else ""
+        lines.append(f"predicted speedup: {s['speedup']:.2f}x{target}")
+    else:
+        lines.append("independent baseline: none (add baselines: or budget:) - no speedup to predict")
+    if s["family_speedup"]:
+        lines.append(f"whole family trained independently: {human(s['family_baseline_macs'])} MACs, "
+                     f"speedup {s['family_speedup']:.2f}x")
+    for r in rows:
+        for w in r["warnings"]:
+            lines.append(f"warning: {r['name']}: {w}")
+    return "\n".join(lines)

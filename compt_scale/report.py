@@ -1,0 +1,204 @@
+"""The report of a chain run: a terminal table, PNG plots and report.html, from the run's own records.
+
+Inputs are only DIR/manifest.json and DIR/<stage>/metrics.jsonl (schemas in docs/internals.md), so a
+report can be written for a finished, failed or still-running chain, on any machine.
+
+The shared compute axis: a chain stage starts where the previous chain stages' MACs (their recorded
+totals, teacher forwards included) end, so the chain reads as one curve whose x is the compute spent
+on the whole chain so far; independent baselines start at 0. Where a baseline's curve reaches a
+loss at less x than the chain's, the chain bought nothing.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+from .errors import CompTError
+from .flops import human
+
+PLOTS = {"loss": "loss_vs_macs.png", "val": "val_loss_vs_macs.png", "cost": "stage_cost.png"}
+
+
+def _read_manifest(out_dir: Path) -> dict:
+    path = out_dir / "manifest.json"
+    if not path.is_file():
+        raise CompTError(f"{out_dir}: no manifest.json (not a chain output directory)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CompTError(f"{path}: invalid JSON: {e.msg} at line {e.lineno}") from None
+    if not isinstance(data.get("stages"), dict):
+        raise CompTError(f"{path}: no 'stages' mapping")
+    return data
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a killed writer; the rest of the file is still good
+    return out
+
+
+def _stages(out_dir: Path) -> tuple[dict, list[dict]]:
+    """Manifest + one record per stage, chain stages (by index) first, then baselines, each with its
+    metrics lines, final values (manifest first, else the metrics' final line) and x offset."""
+    manifest = _read_manifest(out_dir)
+    recs = []
+    for name, rec in manifest["stages"].items():
+        r = dict(rec, name=name, kind=rec.get("kind", "chain"), metrics=_read_metrics(out_dir / name / "metrics.jsonl"))
+        final = next((m for m in reversed(r["metrics"]) if m.get("final")), {})
+        for key in ("tokens", "macs", "val_loss"):
+            mkey = "final_val_loss" if key == "val_loss" else key
+            if r.get(mkey) is None and final.get(key) is not None:
+                r[mkey] = final[key]
+        if r.get("macs") is None and r["metrics"]:
+            r["macs"] = max((m.get("macs") or 0) for m in r["metrics"]) or None
+        recs.append(r)
+    recs.sort(key=lambda r: (r["kind"] != "chain", r.get("index", 0), r["name"]))
+    offset = 0
+    for r in recs:
+        r["offset"] = offset if r["kind"] == "chain" else 0
+        if r["kind"] == "chain":
+            offset += r.get("macs") or 0
+    return manifest, recs
+
+
+def _totals(recs: list[dict]) -> dict:
+    chain = sum(r.get("macs") or 0 for r in recs if r["kind"] == "chain")
+    base = sum(r.get("macs") or 0 for r in recs if r["kind"] == "baseline")
+    return {"chain_macs": chain, "baseline_macs": base or None, "ratio": (base / chain) if base and chain else None}
+
+
+def _fmt(v, kind: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if kind == "int":
+        return str(int(v))
+    if kind == "macs":
+        return f"{v:.4e}"
+    return f"{v:.4f}"
+
+
+def _table_rows(recs: list[dict]) -> list[list[str]]:
+    return [[r["name"], r["kind"], r.get("status", "-"), _fmt(r.get("params"), "int"), _fmt(r.get("tokens"), "int"),
+             _fmt(r.get("macs"), "macs"), _fmt(r.get("final_val_loss"), "loss")] for r in recs]
+
+
+HEADER = ["stage", "kind", "status", "params", "tokens", "MACs", "final_val_loss"]
+
+
+def report_table(out_dir) -> str:
+    """The per-stage table for the terminal: exact params/tokens, MACs as %.4e, and the totals."""
+    manifest, recs = _stages(Path(out_dir))
+    rows = [HEADER] + _table_rows(recs)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    t = _totals(recs)
+    lines.append(f"chain total MACs: {_fmt(t['chain_macs'], 'macs')} ({human(t['chain_macs'])})")
+    if t["baseline_macs"]:
+        lines.append(f"independent baselines total MACs: {_fmt(t['baseline_macs'], 'macs')} "
+                     f"({human(t['baseline_macs'])})")
+        lines.append(f"baseline / chain: {t['ratio']:.2f}x")
+    return "\n".join(lines)
+
+
+def _plot(recs: list[dict], out_dir: Path) -> dict[str, Path]:
+    import matplotlib
+    matplotlib.use("Agg")  # no display on compute nodes
+    import matplotlib.pyplot as plt
+
+    paths = {k: out_dir / v for k, v in PLOTS.items()}
+    for key, ykey, title in (("loss", "loss", "training loss"), ("val", "val_loss", "validation loss")):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for r in recs:
+            pts = [(r["offset"] + m["macs"], m[ykey]) for m in r["metrics"]
+                   if m.get(ykey) is not None and m.get("macs") is not None and not m.get("final")]
+            if key == "val":  # the final line is also an eval point
+                pts += [(r["offset"] + m["macs"], m[ykey]) for m in r["metrics"]
+                        if m.get("final") and m.get(ykey) is not None and m.get("macs") is not None]
+            if not pts:
+                continue
+            xs, ys = zip(*sorted(pts))
+            style = "-" if r["kind"] == "chain" else "--"
+            ax.plot(xs, ys, style, marker="o" if key == "val" else None, markersize=3,
+                    label=f"{r['name']} ({r['kind']})")
+        for r in recs[1:]:
+            if r["kind"] == "chain" and r["offset"]:
+                ax.axvline(r["offset"], color="grey", lw=0.5, ls=":")
+        ax.set_xlabel("training MACs (chain stages after the accumulated MACs of earlier stages)")
+        ax.set_ylabel(title)
+        ax.set_title(f"{title} vs compute")
+        if ax.lines:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(paths[key], dpi=100)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = [r["name"] for r in recs]
+    teacher = [r.get("teacher_macs") or 0 for r in recs]
+    train = [r["train_macs"] if r.get("train_macs") is not None else max((r.get("macs") or 0) - t, 0)
+             for r, t in zip(recs, teacher)]
+    colors = ["tab:blue" if r["kind"] == "chain" else "tab:grey" for r in recs]
+    ax.bar(names, train, color=colors, label="student training (fwd + bwd + update)")
+    ax.bar(names, teacher, bottom=train, color="tab:orange", label="teacher forwards (IFD)")
+    ax.set_ylabel("MACs")
+    ax.set_title("training cost per stage (grey: independent baselines)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["cost"], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def write_report(out_dir) -> Path:
+    """Write DIR/report.html and the PNGs beside it; returns the HTML's path."""
+    out_dir = Path(out_dir)
+    manifest, recs = _stages(out_dir)
+    if not recs:
+        raise CompTError(f"{out_dir / 'manifest.json'}: no stages recorded")
+    paths = _plot(recs, out_dir)
+    t = _totals(recs)
+    esc = html.escape
+    cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in _table_rows(recs))
+    head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
+    summary = f"<p>Chain total: {esc(human(t['chain_macs']))} MACs ({t['chain_macs']:.4e}).</p>"
+    if t["baseline_macs"]:
+        summary += (f"<p>Independent baselines total: {esc(human(t['baseline_macs']))} MACs "
+                    f"({t['baseline_macs']:.4e}); baseline / chain = <b>{t['ratio']:.2f}x</b>.</p>")
+    else:
+        summary += "<p>No independent baselines in this run.</p>"
+    errors = "".join(f"<li>{esc(r['name'])}: {esc(str(r['error']))}</li>" for r in recs if r.get("error"))
+    imgs = "".join(f'<h2>{esc(title)}</h2><img src="{esc(paths[k].name)}" alt="{esc(title)}">'
+                   for k, title in (("loss", "Training loss vs compute"), ("val", "Validation loss vs compute"),
+                                    ("cost", "Training cost per stage")))
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>CoM-PT report: {esc(str(manifest.get('chain')))}</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{text-align:left}}
+img{{max-width:100%}}</style></head><body>
+<h1>Chain {esc(str(manifest.get('chain')))}</h1>
+<p>Spec: {esc(str(manifest.get('spec')))}. MACs follow the paper's appendix C.2: forward + backward + AdamW
+update, plus the teacher's forwards for chain stages. On the plots, a chain stage starts at the MACs
+the earlier chain stages spent; baselines start at 0.</p>
+<table><tr>{head}</tr>{cells}</table>
+{summary}
+{f'<h2>Errors</h2><ul>{errors}</ul>' if errors else ''}
+{imgs}
+</body></html>
+"""
+    from .chain.manifest import atomic_write_text
+    out = out_dir / "report.html"
+    atomic_write_text(out, page)
+    return out

@@ -1,0 +1,46 @@
+"""Shared fixtures: one tiny prepared corpus per test session, and spec writing helpers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DATA = {"vocab_size": 512, "seq_len": 32, "max_chars": 300_000}
+TINY_TRAIN = {"micro_batch_size": 4, "eval_every": 5, "eval_batches": 2, "save_every": 5, "log_every": 1,
+              "warmup_steps": 2, "lr": 3.0e-3}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A prepared data dir (SentencePiece tokenizer + packed memmaps) built once from the stdlib corpus."""
+    from compt_scale.config import DataSpec
+    from compt_scale.data.packed import prepare_data
+    return prepare_data(DataSpec(**TINY_DATA), tmp_path_factory.mktemp("data") / "data")
+
+
+def write_spec(path: Path, stages, data_dir: Path | None = None, **top) -> Path:
+    spec = {"name": path.stem, "seed": 0, "data": dict(TINY_DATA), "train": dict(TINY_TRAIN), "stages": stages}
+    if data_dir is not None:
+        spec["data"]["cache_dir"] = str(data_dir)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(spec.get(k), dict):
+            spec[k].update(v)
+        else:
+            spec[k] = v
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def run_cli(*args, check=True, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """`compt-scale ARGS` in a fresh process, as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "compt_scale.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"compt-scale {' '.join(map(str, args))} exited {proc.returncode}:\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

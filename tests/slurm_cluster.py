@@ -1,0 +1,179 @@
+"""A real one-node SLURM cluster for the tests (Debian's slurm-wlm + munge), started and stopped here.
+
+Everything lives in one temp dir: its own munge key and socket, a generated slurm.conf with free
+ports, state/spool/log dirs. So it neither needs nor touches /etc/munge, /etc/slurm or a system munged,
+and two test sessions on one machine do not collide. Needs root (slurmd runs jobs as their user).
+
+Use from a test module:  `from slurm_cluster import slurm_cluster  # noqa: F401` (a session fixture),
+then `slurm_cluster.env` is the environment for sbatch/scontrol/compt-scale (SLURM_CONF set).
+`python tests/slurm_cluster.py DIR` starts one by hand and prints its SLURM_CONF.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+CPUS = 2  # the node line says CPUs=2: one 2-rank job, or two 1-rank jobs, at a time
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SlurmCluster:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = self.root / "slurm.conf"
+        self.socket = self.root / "munge" / "munge.socket"
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.pidfiles: list[Path] = []
+
+    # ------------------------------------------------------------------ start / stop
+    def start(self, timeout: float = 60) -> "SlurmCluster":
+        r = self.root
+        for d in ("munge", "state", "spool", "log", "run"):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(r / "munge", 0o700)  # munged refuses a socket dir others can write
+        key = r / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        os.chmod(key, 0o400)
+        munge_pid = r / "run" / "munged.pid"
+        subprocess.run(["munged", "--force", f"--key-file={key}", f"--socket={self.socket}",
+                        f"--pid-file={munge_pid}", f"--log-file={r / 'log' / 'munged.log'}",
+                        f"--seed-file={r / 'munge' / 'seed'}"], check=True, capture_output=True)
+        self.pidfiles.append(munge_pid)
+        self.conf.write_text(self._slurm_conf())
+        for daemon in ("slurmctld", "slurmd"):
+            subprocess.run([daemon, "-f", str(self.conf)], env=self.env, check=True, capture_output=True)
+            self.pidfiles.append(r / "run" / f"{daemon}.pid")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True)
+            if out.returncode == 0 and out.stdout.strip() in ("idle", "mix", "alloc"):
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"slurm node did not come up; see {r / 'log'}")
+
+    def stop(self) -> None:
+        # Cancel what is left so slurmd does not leave job processes behind, then stop the daemons
+        # by the pids in their pid files (never by name: other sessions may run their own).
+        subprocess.run(["scancel", "--full", "--user", "root"], env=self.env, capture_output=True)
+        time.sleep(0.5)
+        for pf in reversed(self.pidfiles):
+            try:
+                pid = int(pf.read_text().split()[0])
+                os.kill(pid, signal.SIGTERM)
+            except (OSError, ValueError, IndexError):
+                continue
+            for _ in range(50):
+                try:
+                    os.kill(pid, 0)
+                except OSError:
+                    break
+                time.sleep(0.1)
+        self.pidfiles.clear()
+
+    def _slurm_conf(self) -> str:
+        r = self.root
+        return "\n".join([
+            "ClusterName=compttest",
+            f"SlurmctldHost={self.host}",
+            f"SlurmctldPort={_free_port()}",
+            f"SlurmdPort={_free_port()}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={self.socket}",
+            f"StateSaveLocation={r / 'state'}",
+            f"SlurmdSpoolDir={r / 'spool'}",
+            f"SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}",
+            f"SlurmdPidFile={r / 'run' / 'slurmd.pid'}",
+            f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
+            f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "MpiDefault=none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "ReturnToService=2",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "SchedulerType=sched/backfill",
+            "MinJobAge=600",            # finished jobs stay visible to scontrol for the status checks
+            "KillWait=10",
+            "SlurmctldTimeout=30",
+            "SlurmdTimeout=30",
+            f"NodeName={self.host} CPUs={CPUS} RealMemory=20000 State=UNKNOWN",
+            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+            "",
+        ])
+
+    # ------------------------------------------------------------------ helpers for tests
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), env=self.env, capture_output=True, text=True, check=check)
+
+    def job(self, job_id: str) -> dict:
+        """`scontrol show job -o` as a dict (JobState, Reason, ExitCode, Restarts, ...)."""
+        out = self.run("scontrol", "show", "job", "-o", str(job_id), check=False).stdout
+        fields = {}
+        for tok in out.split():
+            k, _, v = tok.partition("=")
+            fields.setdefault(k, v)
+        return fields
+
+    def wait(self, job_ids, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
+             timeout: float = 300) -> dict:
+        """Wait until every job is in a state of `until`, or pending with a dependency that can never
+        be satisfied; returns {job_id: fields}."""
+        deadline = time.time() + timeout
+        while True:
+            states = {j: self.job(j) for j in job_ids}
+            if all(s.get("JobState") in until or s.get("Reason") == "DependencyNeverSatisfied"
+                   for s in states.values()):
+                return states
+            if time.time() > deadline:
+                raise TimeoutError(f"jobs not finished: {states}")
+            time.sleep(1)
+
+
+def slurm_available() -> str | None:
+    """None when a cluster can be started here, else why not (the tests are skipped with it)."""
+    missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch", "scontrol") if not shutil.which(b)]
+    if missing:
+        return f"not installed: {', '.join(missing)} (run `make slurm-deps`)"
+    if os.geteuid() != 0:
+        return "a test SLURM cluster needs root"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    why = slurm_available()
+    if why:
+        pytest.skip(why)
+    root = Path(tempfile.mkdtemp(prefix="compt-slurm-"))
+    cluster = SlurmCluster(root).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    import sys
+    c = SlurmCluster(Path(sys.argv[1]).resolve()).start()
+    print(f"export SLURM_CONF={c.conf}")
