@@ -129,7 +129,7 @@ def _plot(recs: list[dict], out_dir: Path) -> dict[str, Path]:
                         if m.get("final") and m.get(ykey) is not None and m.get("macs") is not None]
             if not pts:
                 continue
-            xs, ys = zip(*sorted(pts))
+            xs, ys = zip(*sorted(dict(pts).items()))  # one point per x: the final line wins over an eval
             style = "-" if r["kind"] == "chain" else "--"
             ax.plot(xs, ys, style, marker="o" if key == "val" else None, markersize=3,
                     label=f"{r['name']} ({r['kind']})")
@@ -153,6 +153,9 @@ def _plot(recs: list[dict], out_dir: Path) -> dict[str, Path]:
     colors = ["tab:blue" if r["kind"] == "chain" else "tab:grey" for r in recs]
     ax.bar(names, train, color=colors, label="student training (fwd + bwd + update)")
     ax.bar(names, teacher, bottom=train, color="tab:orange", label="teacher forwards (IFD)")
+    chain_total = sum(r.get("macs") or 0 for r in recs if r["kind"] == "chain")
+    if any(r["kind"] == "baseline" for r in recs):  # the bar a baseline has to beat
+        ax.axhline(chain_total, color="tab:blue", ls="--", lw=1, label="chain total")
     ax.set_ylabel("MACs")
     ax.set_title("training cost per stage (grey: independent baselines)")
     ax.legend(fontsize=8)

@@ -96,7 +96,9 @@ class SlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.socket}",
+            # cred_expire also sets how long a requeued job waits before it may start again
+            # (default 120 s); short here so the preemption test does not sit idle.
+            f"AuthInfo=socket={self.socket},cred_expire=5",
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}",
@@ -112,6 +114,7 @@ class SlurmCluster:
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
             "SchedulerType=sched/backfill",
+            "SchedulerParameters=sched_interval=2,bf_interval=2",  # start requeued/released jobs soon
             "MinJobAge=600",            # finished jobs stay visible to scontrol for the status checks
             "KillWait=10",
             "SlurmctldTimeout=30",

@@ -12,6 +12,8 @@ import math
 from ..errors import CompTError
 from ..flops import human, stage_macs
 
+TARGET_TOLERANCE = 0.05  # how far (relative) step rounding may move the predicted speedup off target
+
 
 def _config(spec, stage):
     from ..families.hf_decoder import load_config
@@ -37,6 +39,12 @@ def stage_cost(spec, stage, tokens: int, teacher=None) -> dict:
     return stage_macs(_config(spec, stage), t_cfg, spec.data.seq_len, tokens, steps_for(spec, stage, tokens))
 
 
+def teacher_of(spec, i: int):
+    """The stage whose forwards stage i pays for: its predecessor, unless IFD is off for it (then the
+    predecessor only initializes the weights, as in the stage runner, and costs nothing per token)."""
+    return spec.stages[i - 1] if i and spec.ifd_for(spec.stages[i]).enabled else None
+
+
 def baseline_cost(spec, tokens: int) -> dict:
     """The largest chain model trained independently (no teacher) for `tokens`."""
     return stage_cost(spec, spec.stages[-1], tokens)
@@ -49,7 +57,8 @@ def fill_budgets(spec) -> None:
     The scale s is solved so that the chain's predicted MACs = baseline cost / target_speedup, where
     the baseline is the largest model trained alone on budget.baseline_tokens (the paper's "relax the
     ratio and scale every model's epochs proportionally" is exactly a change of s). Each budget is
-    then rounded to whole optimizer steps, so the predicted speedup is within rounding of the target.
+    then rounded to whole optimizer steps; the target is infeasible (CompTError) when a stage would get
+    less than one step or the rounded plan's speedup is more than TARGET_TOLERANCE off the target.
     Baselines without tokens get baseline_tokens. Idempotent: a stage may already carry the value this
     function would set (a resolved spec re-validated), but any other explicit value is an error.
     """
@@ -62,7 +71,7 @@ def fill_budgets(spec) -> None:
     per_token = []
     for i, st in enumerate(spec.stages):
         tps = tokens_per_step(spec, st)
-        teacher = spec.stages[i - 1] if i else None
+        teacher = teacher_of(spec, i)
         per_token.append(stage_cost(spec, st, tps, teacher)["macs"] / tps)
     weights = [n - i for i in range(n)]
     scale = target / sum(w * c for w, c in zip(weights, per_token))
@@ -76,6 +85,16 @@ def fill_budgets(spec) -> None:
                 f"{scale * w:.0f} tokens, less than one optimizer step ({tps} tokens); lower the target "
                 f"or raise budget.baseline_tokens")
         filled.append(steps * tps)
+    # Rounding to whole steps moves the cost; when budgets are only a few steps long that can miss
+    # the target badly, and a plan far from what was asked for is not the plan that was asked for.
+    cost = sum(stage_cost(spec, st, tok, teacher_of(spec, i))["macs"]
+               for i, (st, tok) in enumerate(zip(spec.stages, filled)))
+    got = target * b.target_speedup / cost
+    if abs(got / b.target_speedup - 1) > TARGET_TOLERANCE:
+        raise CompTError(
+            f"budget.target_speedup: {b.target_speedup:g}x is infeasible at whole optimizer steps: the "
+            f"closest linear plan ({', '.join(str(t // tokens_per_step(spec, st)) for t, st in zip(filled, spec.stages))}"
+            f" steps) gives {got:.2f}x; raise budget.baseline_tokens or lower the target")
     for i, (st, tokens) in enumerate(zip(spec.stages, filled)):
         if st.tokens is not None and st.tokens != tokens:
             raise CompTError(f"stages[{i}].tokens: {st.tokens} given together with budget: (which sets "
@@ -107,14 +126,14 @@ def plan_rows(spec) -> list[dict]:
     _check_tokens(spec)
     rows, acc, prev_params = [], 0, None
     for i, st in enumerate(spec.stages):
-        teacher = spec.stages[i - 1] if i else None
+        teacher = teacher_of(spec, i)
         params = param_count(_config(spec, st))
         cost = stage_cost(spec, st, st.tokens, teacher)
         acc += cost["macs"]
         ratio = params / prev_params if prev_params else None
         warnings = []
         if ratio is not None and not 2.0 <= ratio <= 4.0:
-            warnings.append(f"expansion ratio {ratio:.2f}x from {teacher.name!r} is outside the paper's "
+            warnings.append(f"expansion ratio {ratio:.2f}x from {spec.stages[i - 1].name!r} is outside the paper's "
                             f"2x-4x (rule 2)")
         steps = steps_for(spec, st, st.tokens)
         if steps <= spec.train_for(st).warmup_steps:

@@ -1,0 +1,88 @@
+"""`compt-scale grow`: grow a checkpoint into a larger configuration.
+
+SRC is an HF model dir (safetensors; streamed tensor by tensor) or an open_clip checkpoint
+(.safetensors/.pt/.bin, or a dir holding open_clip_model.safetensors + open_clip_config.json) whose
+model config comes from --from-config or an open_clip_config.json next to it. TARGET is an HF
+config.json, a model dir, a preset name (given the source's vocab_size), or for open_clip a model
+config JSON / built-in open_clip model name.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import CompTError
+from .registry import DEPTH_OPS, WIDTH_OPS
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("grow", help="grow a trained checkpoint into a larger model (width/depth operators)")
+    p.add_argument("--from", dest="src", required=True, help="HF model dir, or open_clip checkpoint")
+    p.add_argument("--from-config", dest="src_config", default=None,
+                   help="open_clip model config of SRC (default: open_clip_config.json next to it)")
+    p.add_argument("--to", dest="target", required=True, help="config.json, model dir, preset name, or open_clip config")
+    p.add_argument("--width", choices=WIDTH_OPS, default="insert")
+    p.add_argument("--depth", choices=DEPTH_OPS, default="duplicate")
+    p.add_argument("--out", required=True, help="output dir (must not exist or be empty)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the student's init for non-inserted parts")
+    p.add_argument("--noise-snr", type=float, default=None,
+                   help="clone only: symmetry-breaking noise with this signal-to-noise power ratio")
+    p.set_defaults(func=run)
+
+
+def _is_hf_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def _clip_src_config(src: Path, explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    here = src if src.is_dir() else src.parent
+    return here / "open_clip_config.json"
+
+
+def run(args) -> int:
+    src = Path(args.src)
+    if not src.exists():
+        raise CompTError(f"--from: {src} does not exist")
+    if _is_hf_dir(src):
+        report = _grow_hf(src, args)
+    else:
+        report = _grow_clip(src, args)
+    n = len(report["tensors"])
+    print(f"grew {report['layout']} {args.src} -> {args.out} ({n} tensors, width={args.width}, "
+          f"depth={args.depth}{', embeddings untied' if report['untied_embeddings'] else ''}); "
+          f"report: {Path(args.out) / 'grow_report.json'}")
+    return 0
+
+
+def _grow_hf(src: Path, args) -> dict:
+    from transformers import AutoConfig
+
+    from ..families.hf_decoder import load_config
+    from .stream import grow_hf_checkpoint
+
+    src_cfg = AutoConfig.from_pretrained(src, local_files_only=True)
+    t = Path(args.target)
+    if t.suffix == ".json" or t.is_dir():
+        raw = t / "config.json" if t.is_dir() else t
+        if raw.is_file() and "vision_cfg" in json.loads(raw.read_text()):
+            raise CompTError(f"--to {t}: an open_clip config, but the source is a {src_cfg.model_type} model")
+        tgt_cfg = load_config(str(t))   # an explicit config keeps its own vocab (mismatch is an error)
+    else:   # a preset: its vocab is a placeholder for the tokenizer's, i.e. the source's
+        tgt_cfg = load_config(args.target, vocab_size=src_cfg.vocab_size)
+    return grow_hf_checkpoint(src, tgt_cfg, args.out, args.width, args.depth, args.seed, args.noise_snr)
+
+
+def _grow_clip(src: Path, args) -> dict:
+    from ..families.clip import grow_open_clip_checkpoint, load_model_config
+
+    cfg_path = _clip_src_config(src, args.src_config)
+    if not cfg_path.is_file():
+        raise CompTError(f"--from {src}: not an HF model dir, and no open_clip model config "
+                         f"({cfg_path}; give --from-config)")
+    src_cfg = load_model_config(str(cfg_path))
+    ckpt = src / "open_clip_model.safetensors" if src.is_dir() else src
+    tgt_cfg = load_model_config(args.target)
+    return grow_open_clip_checkpoint(ckpt, src_cfg, tgt_cfg, args.out, args.width, args.depth,
+                                     args.seed, args.noise_snr)

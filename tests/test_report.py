@@ -1,0 +1,104 @@
+"""`compt-scale report` on a hand-written finished chain (manifest + metrics.jsonl per docs/internals.md)."""
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.image as mpimg  # noqa: E402
+import pytest  # noqa: E402
+
+from compt_scale.cli import main  # noqa: E402
+from compt_scale.errors import CompTError  # noqa: E402
+from compt_scale.report import report_table, write_report  # noqa: E402
+
+STAGES = {
+    "s": {"kind": "chain", "index": 0, "model": "llama-xs", "status": "done", "params": 624960,
+          "tokens": 1_149_952, "steps": 1123, "train_macs": 1_380_000_000_000, "teacher_macs": 0,
+          "macs": 1_380_000_000_000, "final_val_loss": 5.1234, "export": "s/model", "error": None},
+    "m": {"kind": "chain", "index": 1, "model": "llama-s", "status": "done", "params": 1852544,
+          "tokens": 766_976, "steps": 749, "train_macs": 3_430_000_000_000, "teacher_macs": 303_160_000_000,
+          "macs": 3_733_160_000_000, "final_val_loss": 4.5678, "export": "m/model", "error": None},
+    "base-m": {"kind": "baseline", "index": 0, "model": "llama-s", "status": "done", "params": 1852544,
+               "tokens": 2_000_000, "steps": 1954, "train_macs": 8_880_000_000_000, "teacher_macs": 0,
+               "macs": 8_880_000_000_000, "final_val_loss": 4.6001, "export": "base-m/model", "error": None},
+}
+
+
+def _metrics(macs_total: int, tokens_total: int, loss0: float, loss1: float, n: int = 6) -> list[dict]:
+    lines = []
+    for k in range(1, n + 1):
+        f = k / n
+        loss = loss0 + (loss1 - loss0) * f
+        lines.append({"step": k * 10, "tokens": int(tokens_total * f), "macs": int(macs_total * f), "loss": loss,
+                      "task_loss": loss, "ifd_loss": 0.0, "lr": 1e-3, "alpha": 0.0})
+        if k % 2 == 0:
+            lines.append({"step": k * 10, "tokens": int(tokens_total * f), "macs": int(macs_total * f),
+                          "val_loss": loss + 0.05})
+    return lines
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"chain": "tiny", "spec": "/x/chain.yaml",
+                                                        "stages": STAGES}, indent=2))
+    for name, rec in STAGES.items():
+        lines = _metrics(rec["macs"], rec["tokens"], 8.0, rec["final_val_loss"])
+        lines.append({"final": True, "step": rec["steps"], "tokens": rec["tokens"], "macs": rec["macs"],
+                      "val_loss": rec["final_val_loss"]})
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return tmp_path
+
+
+def test_report_files_and_images(run_dir):
+    html = write_report(run_dir)
+    assert html == run_dir / "report.html" and html.is_file()
+    text = html.read_text()
+    for png in ("loss_vs_macs.png", "val_loss_vs_macs.png", "stage_cost.png"):
+        assert (run_dir / png).is_file()
+        img = mpimg.imread(run_dir / png)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+        assert f'src="{png}"' in text
+    assert "base-m" in text and "tiny" in text
+
+
+def test_table_numbers_equal_the_manifest(run_dir):
+    table = report_table(run_dir)
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:2 + len(STAGES)]}
+    assert list(rows) == ["s", "m", "base-m"]  # chain by index, then baselines
+    for name, rec in STAGES.items():
+        _, kind, status, params, tokens, macs, val = rows[name]
+        assert (kind, status) == (rec["kind"], rec["status"])
+        assert int(params) == rec["params"] and int(tokens) == rec["tokens"]
+        assert float(macs) == pytest.approx(rec["macs"], rel=1e-4)
+        assert float(val) == pytest.approx(rec["final_val_loss"], abs=1e-4)
+    chain_total = STAGES["s"]["macs"] + STAGES["m"]["macs"]
+    total_line = next(line for line in table.splitlines() if line.startswith("chain total MACs"))
+    assert float(total_line.split()[3]) == pytest.approx(chain_total, rel=1e-4)
+    ratio_line = next(line for line in table.splitlines() if line.startswith("baseline / chain"))
+    assert float(ratio_line.split()[-1].rstrip("x")) == pytest.approx(STAGES["base-m"]["macs"] / chain_total,
+                                                                     abs=0.005)
+
+
+def test_running_stage_falls_back_to_metrics(run_dir):
+    data = json.loads((run_dir / "manifest.json").read_text())
+    rec = data["stages"]["m"]
+    rec.update(status="running", macs=None, final_val_loss=None, train_macs=None, teacher_macs=None)
+    (run_dir / "manifest.json").write_text(json.dumps(data))
+    metrics = (run_dir / "m" / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "m" / "metrics.jsonl").write_text("\n".join(metrics[:4]) + "\n{\"step\": 9")  # torn last line
+    write_report(run_dir)
+    row = next(line.split() for line in report_table(run_dir).splitlines() if line.startswith("m "))
+    assert row[2] == "running" and row[-1] == "-"
+    assert float(row[5]) == pytest.approx(json.loads(metrics[3])["macs"], rel=1e-4)
+
+
+def test_report_cli(run_dir, tmp_path_factory, capsys):
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "baseline / chain" in out and "report.html" in out
+    with pytest.raises(CompTError):
+        write_report(tmp_path_factory.mktemp("empty"))
+    assert main(["report", str(run_dir / "nope")]) == 2
