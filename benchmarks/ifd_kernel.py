@@ -6,7 +6,9 @@ fwd+bwd minus what was allocated before: includes the returned gradients dS/dW/d
 implementation must produce; "extra_minus_grads" subtracts them), and the fraction of the GEMM
 roofline: 3 GEMMs x 2*N*d_s*d_t FLOPs (the fused kernel's recompute of Y in backward is NOT
 counted, per the issue) over the bf16 matmul rate measured here on an 8192^3 torch.mm.
-Writes benchmarks/results/ifd_kernel.json.
+"fused" is triton_mode="recompute" (4 GEMMs: Y is recomputed in backward), "fused_pre" is
+triton_mode="precompute" (3 GEMMs: gradients computed in forward). Writes
+benchmarks/results/ifd_kernel.json.
 
 --cpu-smoke: tiny shapes on CPU so the script itself is tested: the fused path runs the Triton
 kernels under TRITON_INTERPRET=1, torch.compile uses backend="eager" (no C++ toolchain needed),
@@ -43,6 +45,10 @@ def eager_ifd(s, t, w, b):
 
 def fused_ifd(s, t, w, b):
     return fused_ifd_loss(s, t, w, b, ALPHA, impl="triton")
+
+
+def fused_ifd_precompute(s, t, w, b):
+    return fused_ifd_loss(s, t, w, b, ALPHA, impl="triton", triton_mode="precompute")
 
 
 def _sync(dev):
@@ -105,7 +111,7 @@ def run_one(fn, s, t, w, b, warmup, reps):
             loss = step()
             times.append(time.perf_counter() - t0)
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params)
-    return statistics.median(times), peak, grad_bytes, float(loss)
+    return statistics.median(times), peak, grad_bytes, loss.item()
 
 
 def main(argv=None):
@@ -126,7 +132,8 @@ def main(argv=None):
         "ifd_kernel_cpu_smoke.json" if smoke else "ifd_kernel.json")
     rate = matmul_rate(dev, dtype, 256 if smoke else 8192)
     compiled = torch.compile(eager_ifd, backend="eager" if smoke else "inductor", dynamic=False)
-    impls = {"eager": eager_ifd, "compile": compiled, "fused": fused_ifd}
+    impls = {"eager": eager_ifd, "compile": compiled, "fused": fused_ifd,
+             "fused_pre": fused_ifd_precompute}
     header = {"device": torch.cuda.get_device_name() if not smoke else "cpu (smoke: timings meaningless)",
               "torch": torch.__version__, "dtype": str(dtype), "alpha": ALPHA,
               "matmul_tflops": rate / 1e12, "roofline_flops": "3 GEMMs x 2*N*d_s*d_t"}
@@ -138,7 +145,8 @@ def main(argv=None):
     rows = []
     print(f"# {header['device']}  torch {header['torch']}  bf16 matmul {rate / 1e12:.1f} TFLOP/s")
     print(f"{'N':>7} {'d_s':>5} {'d_t':>5} | " + " | ".join(
-        f"{k:>7} ms {'MiB':>7} {'roof':>5}" for k in impls) + " | fused/eager fused/compile mem ratio")
+        f"{k:>9} ms {'MiB':>7} {'roof':>5}" for k in impls)
+        + " | fused, fused_pre: time/eager time/compile mem/eager")
     for n in ns:
         for d_s, d_t in dims:
             g = torch.Generator(device=dev).manual_seed(0)
@@ -157,25 +165,27 @@ def main(argv=None):
                 except torch.cuda.OutOfMemoryError as e:  # record and keep going
                     row[name] = {"error": f"OOM: {str(e)[:200]}"}
                     torch.cuda.empty_cache()
-            e, c, f = row["eager"], row["compile"], row["fused"]
-            if all("ms" in r for r in (e, c, f)):
-                row["fused_over_eager_time"] = f["ms"] / e["ms"]
-                row["fused_over_compile_time"] = f["ms"] / c["ms"]
-                if e["peak_extra_bytes"]:
-                    row["fused_over_eager_mem"] = f["peak_extra_bytes"] / e["peak_extra_bytes"]
-                row["fused_loss_rel_diff"] = abs(f["loss"] - e["loss"]) / max(abs(e["loss"]), 1e-30)
+            e, c = row["eager"], row["compile"]
+            for fk in ("fused", "fused_pre"):
+                f = row[fk]
+                if all("ms" in r for r in (e, c, f)):
+                    row[f"{fk}_over_eager_time"] = f["ms"] / e["ms"]
+                    row[f"{fk}_over_compile_time"] = f["ms"] / c["ms"]
+                    if e["peak_extra_bytes"]:
+                        row[f"{fk}_over_eager_mem"] = f["peak_extra_bytes"] / e["peak_extra_bytes"]
+                    row[f"{fk}_loss_rel_diff"] = abs(f["loss"] - e["loss"]) / max(abs(e["loss"]), 1e-30)
             rows.append(row)
             cells = []
             for k in impls:
                 r = row[k]
                 if "ms" not in r:
-                    cells.append(f"{'OOM':>24}")
+                    cells.append(f"{'OOM':>26}")
                     continue
                 mib = "-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.0f}"
-                cells.append(f"{r['ms']:>10.3f} {mib:>7} {r['roofline_frac']:>5.2f}")
-            ratios = (f"{row.get('fused_over_eager_time', float('nan')):.2f} "
-                      f"{row.get('fused_over_compile_time', float('nan')):.2f} "
-                      f"{row.get('fused_over_eager_mem', float('nan')):.2f}")
+                cells.append(f"{r['ms']:>12.3f} {mib:>7} {r['roofline_frac']:>5.2f}")
+            ratios = " ".join(f"{row.get(f'{fk}_over_{x}', float('nan')):.2f}"
+                              for fk in ("fused", "fused_pre")
+                              for x in ("eager_time", "compile_time", "eager_mem"))
             print(f"{n:>7} {d_s:>5} {d_t:>5} | " + " | ".join(cells) + " | " + ratios, flush=True)
             del s, t, w, b
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -92,24 +92,26 @@ def test_failure_leaves_no_output(src_dir, tmp_path, monkeypatch):
 
 
 MEM_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, psutil, torch
+    import json, sys, psutil, torch
     from transformers import AutoConfig
     from compt_scale.grow import grow_hf_checkpoint
     common = dict(vocab_size=256, num_attention_heads=8, num_key_value_heads=8)
     tgt = AutoConfig.for_model("llama", hidden_size=1024, intermediate_size=2048, num_hidden_layers=8, **common)
+    from compt_scale.grow.stream import target_tensors
+    target_tensors(tgt)          # imports the modeling code: fixed overhead, not growth memory
     before = psutil.Process().memory_info().rss
+    open("/proc/self/clear_refs", "w").write("5")   # reset the kernel's peak-RSS mark (VmHWM)
     rep = grow_hf_checkpoint(sys.argv[1], tgt, sys.argv[2], "insert", "duplicate", max_shard_bytes=64 << 20)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
     print(json.dumps({"before": before, "peak": peak}))
 """)
 
 
 def test_stream_peak_memory_near_one_tensor(tmp_path):
-    """A ~330 MB target whose largest tensor is 8 MB: growth must not add more than a few tensors."""
+    """A ~320 MB target whose largest tensor is 8 MB: peak RSS grows by the largest tensor plus a
+    constant working set (4 MiB blocks, allocator slack), measured ~35 MB, not by the model size."""
     cfg = AutoConfig.for_model("llama", vocab_size=256, hidden_size=512, intermediate_size=1024,
                                num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8)
-    with torch.device("meta"):
-        pass
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "src")
     r = subprocess.run([sys.executable, "-c", MEM_SCRIPT, str(tmp_path / "src"), str(tmp_path / "out")],
@@ -120,4 +122,20 @@ def test_stream_peak_memory_near_one_tensor(tmp_path):
     total = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
     assert total > 30 * largest
     grew = m["peak"] - m["before"]
-    assert grew < 3 * largest + 32 * 2**20, (grew / 2**20, total / 2**20)
+    assert grew < 2 * largest + 32 * 2**20, (grew / 2**20, total / 2**20)
+
+
+def test_stream_gpt2_clone_noise_conv1d(tmp_path):
+    """GPT-2's Conv1D weights contract over dim 0: the noisy clone reads them by inner-dim slabs."""
+    kw = {"vocab_size": 64, "n_inner": 48, "n_positions": 32, "bos_token_id": 0, "eos_token_id": 1}
+    cfg = AutoConfig.for_model("gpt2", n_embd=32, n_head=4, n_layer=2, **kw)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "src")
+    tgt = AutoConfig.for_model("gpt2", n_embd=64, n_head=8, n_layer=3, **{**kw, "n_inner": 96})
+    rep = grow_hf_checkpoint(tmp_path / "src", tgt, tmp_path / "out", "clone", "zero", seed=1, noise_snr=50.0)
+    assert rep["tensors"]["transformer.h.0.mlp.c_proj.weight"]["noise_sigma"] > 0
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert (a(ids).logits - b(ids).logits).abs().max() < 1e-4

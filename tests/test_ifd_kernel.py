@@ -88,3 +88,19 @@ def test_projection_identity_init_flattens_and_trains():
     wide = IFDProjection(4, 6)   # d_s < d_t: default nn.Linear init
     assert wide.weight.abs().sum() > 0 and not torch.all(wide.bias == 0)
     assert IFDProjection(6, 6, bias=False).bias is None
+
+
+def test_benchmark_cpu_smoke(tmp_path):
+    """The benchmark script itself (GPU figures are only produced on a GPU machine)."""
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "ifd_kernel.py"), "--cpu-smoke",
+                        "--reps", "1", "--out", str(out)], cwd=HERE.parent, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    import json
+    res = json.loads(out.read_text())
+    assert len(res["results"]) == 4
+    for row in res["results"]:
+        assert {"eager", "compile", "fused", "fused_pre"} <= row.keys()
+        for fk in ("fused", "fused_pre"):  # bf16 eager rounds Y and the loss to bf16
+            assert row[f"{fk}_loss_rel_diff"] < 2e-2

@@ -60,13 +60,16 @@ def _worker(rank, outdir):
     from compt_scale.kernels import fused_ifd_loss
     deepspeed.init_distributed(dist_backend="gloo")
     d, rows, res = _data(), _rows(rank), {}
-    for impl in ("reference", "triton"):
+    for impl in ("reference", "triton", "precompute"):
         for red in ("mean", "sum"):
             s, w, b = (d[k].clone().requires_grad_() for k in ("s", "w", "b"))
             t = d["t"].clone().requires_grad_()
-            loss = fused_ifd_loss(s[rows], t[rows], w, b, ALPHA, dist.group.WORLD, impl=impl,
-                                  grad_reduce=red)
+            loss = fused_ifd_loss(s[rows], t[rows], w, b, ALPHA, dist.group.WORLD, grad_reduce=red,
+                                  impl="triton" if impl == "precompute" else impl,
+                                  triton_mode="precompute" if impl == "precompute" else "recompute")
             res[f"group/{impl}/{red}"] = [loss.detach()] + _grads(loss, s, w, b) + [t.grad]
+        if impl == "precompute":
+            continue
         model = Toy(impl)
         ref = copy.deepcopy(model)  # unsharded single-process oracle on ALL tokens
         ref_loss = ref(d["x"], d["t"])
@@ -78,6 +81,11 @@ def _worker(rank, outdir):
                                           optimizer=torch.optim.SGD(model.parameters(), lr=LR))
         w = engine.module.ifd.weight
         partitioned = (w.numel() == 0, tuple(w.ds_shape), w.ds_tensor.numel())
+        try:  # reading the weight outside the module's forward must fail loudly, not compute garbage
+            fused_ifd_loss(d["s"][rows], d["t"][rows], w, None, impl=impl)
+            raise AssertionError("ungathered ZeRO-3 weight was accepted")
+        except RuntimeError as e:
+            assert "not gathered" in str(e)
         loss = engine(d["x"][rows], d["t"][rows], dist.group.WORLD)
         engine.backward(loss)
         got = [deepspeed.utils.safe_get_full_grad(p).clone()
@@ -88,6 +96,11 @@ def _worker(rank, outdir):
         res[f"zero3/{impl}"] = dict(partitioned=partitioned, loss=loss.detach(), ref_loss=ref_loss.detach(),
                                     grads=got, ref_grads=ref_grads, w_after=w_after,
                                     w_expect=ref.ifd.weight.detach() - LR * ref_grads[0])
+    from compt_scale.kernels import IFDProjection
+    with deepspeed.zero.Init(config_dict_or_path=cfg):  # built partitioned: identity init must survive
+        proj = IFDProjection(D_S, D_T)
+    with deepspeed.zero.GatheredParameters([proj.weight]):
+        res["zero_init_identity"] = (proj.weight.detach().clone(), proj.weight.ds_tensor.numel())
     torch.save(res, Path(outdir) / f"rank{rank}.pt")
     dist.barrier()
 
@@ -115,7 +128,7 @@ def test_two_gloo_ranks_group_and_zero3(tmp_path):
     full = fused_ifd_loss(s, d["t"], w, b, ALPHA, impl="reference")  # one process, all tokens
     full_grads = _grads(full, s, w, b)
     close = dict(rtol=1e-5, atol=1e-6)
-    for impl in ("reference", "triton"):
+    for impl in ("reference", "triton", "precompute"):
         for red, factor in (("mean", 2.0), ("sum", 1.0)):
             r0, r1 = (r[f"group/{impl}/{red}"] for r in res)
             for r in (r0, r1):
@@ -127,7 +140,7 @@ def test_two_gloo_ranks_group_and_zero3(tmp_path):
             # weight/bias: the ranks' mean ("mean") or sum ("sum") is the unsharded gradient
             for i in (2, 3):
                 torch.testing.assert_close((r0[i] + r1[i]) / factor, full_grads[i - 1], **close)
-        for r in res:
+        for r in res if impl != "precompute" else ():
             z = r[f"zero3/{impl}"]
             empty, full_shape, local_numel = z["partitioned"]
             assert empty and full_shape == (D_T, D_S) and local_numel < D_T * D_S  # really partitioned
@@ -135,6 +148,10 @@ def test_two_gloo_ranks_group_and_zero3(tmp_path):
             for g, rg in zip(z["grads"], z["ref_grads"]):
                 torch.testing.assert_close(g, rg, **close)
             torch.testing.assert_close(z["w_after"], z["w_expect"], **close)
+    for r in res:
+        w, local = r["zero_init_identity"]
+        assert local < D_T * D_S
+        torch.testing.assert_close(w, torch.eye(D_T, D_S))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ math on the same inputs with W rounded to the compute dtype (the defined semanti
   fp16: value 1e-5, gradients 2e-3 (seen ~3e-4).
 """
 import os
+import zlib
 
 import pytest
 
@@ -63,12 +64,12 @@ def _rel(x, ref):
     return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def _check(s, t, w, b, alpha, dtype):
+def _check(s, t, w, b, alpha, dtype, mode="recompute"):
     s_ = s.clone().requires_grad_()
     w_ = w.clone().requires_grad_()
     b_ = b.clone().requires_grad_() if b is not None else None
     t_ = t.clone().requires_grad_()  # must still get no gradient
-    loss = fused_ifd_loss(s_, t_, w_, b_, alpha, impl="triton")
+    loss = fused_ifd_loss(s_, t_, w_, b_, alpha, impl="triton", triton_mode=mode)
     loss.backward()
     ref, gs, gw, gb = _oracle(s, t, w, b, alpha)
     vtol, gtol = TOL[dtype]
@@ -82,13 +83,27 @@ def _check(s, t, w, b, alpha, dtype):
     assert t_.grad is None
 
 
+@pytest.mark.parametrize("mode", ["recompute", "precompute"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_matches_fp64_oracle_random_odd_shapes(dtype, small_blocks):
-    gen = torch.Generator().manual_seed(1234 + hash(str(dtype)) % 1000)
+def test_matches_fp64_oracle_random_odd_shapes(dtype, mode, small_blocks):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype}/{mode}".encode()))
     for i in range(3):
         n, d_s, d_t = (int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in
                        ((20, 90), (7, 60), (5, 50)))
-        _check(*_inputs(n, d_s, d_t, dtype, bias=i != 1, gen=gen), alpha=0.37, dtype=dtype)
+        _check(*_inputs(n, d_s, d_t, dtype, bias=i != 1, gen=gen), alpha=0.37, dtype=dtype, mode=mode)
+
+
+def test_precompute_mode_no_grad_and_single_backward(small_blocks):
+    gen = torch.Generator().manual_seed(11)
+    s, t, w, b = _inputs(30, 20, 17, torch.float32, True, gen)
+    with torch.no_grad():  # no input needs a gradient: value only, same as recompute
+        v = fused_ifd_loss(s, t, w, b, impl="triton", triton_mode="precompute")
+    assert torch.equal(v, fused_ifd_loss(s, t, w, b, impl="triton"))
+    w_ = w.clone().requires_grad_()
+    loss = fused_ifd_loss(s, t, w_, b, impl="triton", triton_mode="precompute")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
 
 
 def test_default_blocks_and_exact_multiples():

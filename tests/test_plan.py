@@ -11,17 +11,6 @@ from compt_scale.config import parse_chain
 from compt_scale.errors import CompTError
 
 
-@pytest.fixture(autouse=True)
-def _family_checks(monkeypatch):
-    """The family's growability check lives in compt_scale.grow (built in parallel); without it the
-    spec checks that concern the planner still run, only that one is skipped."""
-    try:
-        from compt_scale.grow import check_growable  # noqa: F401
-    except ImportError:
-        from compt_scale.families import hf_decoder
-        monkeypatch.setattr(hf_decoder, "validate_chain", lambda spec: None)
-
-
 def spec_raw(**extra):
     raw = {"name": "t", "data": {"vocab_size": 512, "seq_len": 64},
            "train": {"micro_batch_size": 4, "warmup_steps": 2},

@@ -45,8 +45,9 @@ def load_config(model: str, vocab_size: int | None = None, **overrides) -> Pretr
     raw.update(overrides)
     try:
         return AutoConfig.for_model(model_type, **raw)
-    except (ValueError, KeyError) as e:
-        raise CompTError(f"{path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # transformers/huggingface_hub raise several types for invalid configs
+        msg = " ".join(l.strip() for l in str(e).splitlines() if l.strip())
+        raise CompTError(f"{path}: {msg}") from None
 
 
 def hidden_size(config: PretrainedConfig) -> int:

@@ -30,7 +30,7 @@ CLONED_KINDS = frozenset({"hidden", "ffn", "heads", "kv", "qpg", "wep", "embed"}
 # Kinds that must keep their size under `clone` (head_dim: attention scale and rotary pairs change).
 CLONE_FIXED_KINDS = frozenset({"hd", "vocab"})
 
-CHUNK_ELEMS = 1 << 21  # elements per working block (8 MiB in fp32): bounds the temporary memory
+CHUNK_ELEMS = 1 << 20  # elements per working block (4 MiB in fp32): bounds the temporary memory
 
 
 def kind(factor: str) -> str:
@@ -136,19 +136,35 @@ def place(out: torch.Tensor, src: Source, spec: TensorSpec, src_fs, tgt_fs, widt
             mask = mask & (maps[d] >= 0).view(v)
     rows = (maps[cd] >= 0).nonzero().flatten()
     per_row = max(1, out.numel() // max(1, out.shape[cd]))
+    # Plain placement (insert, or clone of o-only tensors) needs no arithmetic: stay in the source
+    # dtype (bf16 <-> fp32 round trips dominated the time); scaling and noise work in fp32.
+    work = torch.float32 if (scale != 1.0 or sigma or src.dtype != out.dtype) else out.dtype
+    # 2-D with holes (insert): write only the valid columns into the output's rows, no masking.
+    cols = (maps[others[0]] >= 0).nonzero().flatten() if (mask is not None and len(others) == 1) else None
     for chunk in rows.split(max(1, CHUNK_ELEMS // per_row)):
         s_idx = maps[cd][chunk]
         lo, hi = int(s_idx.min()), int(s_idx.max()) + 1
-        block = src.read(cd, lo, hi).to(torch.float32).index_select(cd, s_idx - lo)
-        for d in others:
-            block = block.index_select(d, maps[d].clamp(min=0))
+        block = src.read(cd, lo, hi).to(work).index_select(cd, s_idx - lo)
+        if cols is not None:
+            block = block.index_select(others[0], maps[others[0]][cols])
+        else:
+            for d in others:
+                block = block.index_select(d, maps[d].clamp(min=0))
         if scale != 1.0:
             block.mul_(scale)
         if sigma:
             block += _zero_sum_noise(block, maps, div_dims, sigma, generator)
-        if mask is not None:
-            block = torch.where(mask, block, out.index_select(cd, chunk).to(torch.float32))
-        out.index_copy_(cd, chunk, block.to(out.dtype))
+        a, n = int(chunk[0]), len(chunk)
+        contiguous = int(chunk[-1]) - a + 1 == n
+        dst = out.narrow(cd, a, n) if contiguous else out.index_select(cd, chunk)
+        if cols is not None:
+            dst.index_copy_(others[0], cols, block.to(out.dtype))
+        elif mask is not None:
+            dst.copy_(torch.where(mask, block.to(out.dtype), dst))
+        else:
+            dst.copy_(block)
+        if not contiguous:
+            out.index_copy_(cd, chunk, dst)
     return {"copies": math.prod(copies), "scale": scale, "noise_sigma": sigma}
 
 

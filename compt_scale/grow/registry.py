@@ -113,9 +113,11 @@ class Step:
     alias_of: str | None = None   # target key that this tied key shares storage with
 
 
-def plan(src_config, tgt_config, tgt_keys, width: str, depth: str):
-    """Resolve every target key. Returns (steps, report skeleton)."""
+def plan(src_config, tgt_config, tgt_keys, width: str, depth: str, noise_snr: float | None = None):
+    """Resolve every target key. Returns (steps, report skeleton, layout)."""
     check_growable(src_config, tgt_config, width, depth)
+    if noise_snr is not None and (width != "clone" or not noise_snr > 0):
+        raise CompTError(f"noise_snr={noise_snr}: symmetry-breaking noise needs width 'clone' and a positive SNR")
     layout = layout_for(tgt_config)
     s_sizes, t_sizes = layout.sizes(src_config), layout.sizes(tgt_config)
     dmaps = {st: depth_map(depth, s_sizes[st], t_sizes[st]) for st in layout.stacks}
@@ -186,9 +188,7 @@ def grow_state(src_state: dict, src_config, tgt_config, tgt_state: dict, width: 
     Returns (state, report): `state` has exactly tgt_state's keys and shapes (fresh tensors; tied
     keys share one tensor unless clone untied them, see report["config_changes"]).
     """
-    if noise_snr is not None and noise_snr <= 0:
-        raise CompTError(f"noise_snr must be positive, got {noise_snr}")
-    steps, report, layout = plan(src_config, tgt_config, list(tgt_state), width, depth)
+    steps, report, layout = plan(src_config, tgt_config, list(tgt_state), width, depth, noise_snr)
     out = {}
     for st in steps:
         if st.alias_of is not None and st.alias_of in tgt_state:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CompTError
-from .axes import Source
+from .axes import CHUNK_ELEMS, Source
 from .registry import grow_tensor, plan, source_key
 
 _DT = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -164,7 +164,15 @@ def student_init(key: str, spec, shape, dtype, config, seed: int) -> torch.Tenso
         return torch.zeros(shape, dtype=dtype)
     std = getattr(config, "initializer_range", None) or getattr(config, "init_std", None) or 0.02
     g = torch.Generator().manual_seed(_seed_for(seed, key))
-    return torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=g).to(dtype)
+    if not shape:
+        return torch.empty((), dtype=torch.float32).normal_(0.0, std, generator=g).to(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    # drawn in fp32 slabs (fast on CPU) and cast into place: no full-size fp32 temporary
+    step = max(1, CHUNK_ELEMS // max(1, math.prod(shape[1:])))
+    for lo in range(0, shape[0], step):
+        n = min(step, shape[0] - lo)
+        out[lo:lo + n] = torch.empty((n,) + tuple(shape[1:])).normal_(0.0, std, generator=g)
+    return out
 
 
 def target_tensors(tgt_config) -> tuple[list[tuple[str, tuple]], dict[str, str]]:
@@ -192,13 +200,11 @@ def grow_hf_checkpoint(src_dir, tgt_config, out_dir, width: str = "insert", dept
     src_dir = Path(src_dir)
     if not (src_dir / "config.json").is_file():
         raise CompTError(f"{src_dir}: not a Hugging Face model dir (no config.json)")
-    if noise_snr is not None and noise_snr <= 0:
-        raise CompTError(f"noise_snr must be positive, got {noise_snr}")
     src_config = AutoConfig.from_pretrained(src_dir, local_files_only=True)
     tgt_config = type(tgt_config).from_dict(tgt_config.to_dict())  # never edit the caller's config
     reader = SafetensorsReader(src_dir)
     shapes, alias = target_tensors(tgt_config)
-    steps, report, layout = plan(src_config, tgt_config, [k for k, _ in shapes], width, depth)
+    steps, report, layout = plan(src_config, tgt_config, [k for k, _ in shapes], width, depth, noise_snr)
     for k, v in report["config_changes"].items():
         setattr(tgt_config, k, v)
     by_key = {st.key: st for st in steps}

@@ -43,7 +43,7 @@ def grow_into_model(model: torch.nn.Module, src_state_or_reader, src_config, tgt
         src_state_or_reader = SafetensorsReader(src_state_or_reader)
     src = src_state_or_reader
     params = dict(model.named_parameters())   # tied parameters appear once, under their first name
-    steps, report, layout = plan(src_config, tgt_config, list(params), width, depth)
+    steps, report, layout = plan(src_config, tgt_config, list(params), width, depth, noise_snr)
     if report["untied_embeddings"]:
         raise CompTError("width 'clone' unties embeddings, which a live tied model cannot do: build the "
                          "target with tie_word_embeddings=False")

@@ -17,6 +17,8 @@ Gradient convention with `group` (read this before wiring it into a trainer):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,29 +26,36 @@ from torch import nn
 from .reference import reference_sse
 
 
-def _local_sse(student, teacher, weight, bias, impl):
+def _local_sse(student, teacher, weight, bias, impl, triton_mode):
     if impl is None:
         impl = "triton" if student.is_cuda else "reference"
     if impl == "reference":
         return reference_sse(student, teacher, weight, bias)
     if impl == "triton":
         from .triton_ifd import triton_sse  # lazy: importing triton costs time and reads env vars
-        return triton_sse(student, teacher, weight, bias)
+        return triton_sse(student, teacher, weight, bias, triton_mode)
     raise ValueError(f"fused_ifd_loss: impl must be 'triton', 'reference' or None, got {impl!r}")
 
 
 def fused_ifd_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None = None, alpha: float | torch.Tensor = 1.0,
-                   group=None, *, impl: str | None = None, grad_reduce: str = "mean") -> torch.Tensor:
-    """alpha * mean((student @ weight.T + bias - teacher)**2) as an fp32 scalar.
+                   group=None, *, impl: str | None = None, grad_reduce: str = "mean",
+                   triton_mode: str = "recompute") -> torch.Tensor:
+    """alpha * mean((student @ weight.T + bias - teacher)**2) as an fp32 scalar (fp64 for fp64 inputs).
 
     student [N, d_s], teacher [N, d_t], weight [d_t, d_s], bias [d_t] or None. Differentiable w.r.t.
     student, weight and bias; the teacher is detached. `impl`: None (Triton on CUDA tensors, the
     reference elsewhere), "triton" or "reference". `group`: see the module docstring for the exact
-    value and the gradient convention (`grad_reduce` "mean" or "sum").
-    Compute dtype is the student's (after autocast's cast, see below); the weight and bias are cast to
-    it, the teacher is compared in fp32; loss, dW and db accumulate in fp32.
+    value and the gradient convention (`grad_reduce` "mean" or "sum"). `triton_mode`:
+    "recompute" (default: backward recomputes Y chunk by chunk, 4 GEMMs) or "precompute" (forward
+    computes the gradients too, 3 GEMMs, one backward only); see triton_ifd._TritonSSE.
+    Compute dtype is the student's (after autocast's cast, see below): the weight is cast to it for
+    the GEMM; the bias is added, and the teacher compared, in fp32; loss, dW and db accumulate in
+    fp32; gradients come back in each input's own dtype.
     """
+    if hasattr(weight, "ds_id") and weight.numel() == 0:
+        raise RuntimeError("fused_ifd_loss: weight is a ZeRO-3 partition that is not gathered; call it "
+                           "through IFDProjection's forward or inside deepspeed.zero.GatheredParameters")
     if student.dim() != 2 or teacher.dim() != 2 or weight.dim() != 2:
         raise ValueError("fused_ifd_loss: expected student [N, d_s], teacher [N, d_t], weight [d_t, d_s]")
     n, d_s = student.shape
@@ -66,7 +75,7 @@ def fused_ifd_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.T
     if torch.is_autocast_enabled(dev):
         student = student.to(torch.get_autocast_dtype(dev))
     with torch.autocast(dev, enabled=False):
-        sse = _local_sse(student, teacher, weight, bias, impl)
+        sse = _local_sse(student, teacher, weight, bias, impl, triton_mode)
     numel = n * d_t
     if group is None:
         return alpha * sse / numel
@@ -97,28 +106,36 @@ class IFDProjection(nn.Module):
     """
 
     def __init__(self, d_student: int, d_teacher: int, bias: bool = True, init: str = "identity",
-                 impl: str | None = None, grad_reduce: str = "mean"):
+                 impl: str | None = None, grad_reduce: str = "mean",
+                 triton_mode: str = "recompute"):
         super().__init__()
-        lin = nn.Linear(d_student, d_teacher, bias=bias)  # default init, reused for its parameters
-        self.weight = lin.weight
-        self.bias = lin.bias
+        if init not in ("identity", "default"):
+            raise ValueError(f"IFDProjection: init must be 'identity' or 'default', got {init!r}")
         self.d_student, self.d_teacher = d_student, d_teacher
-        self.impl, self.grad_reduce = impl, grad_reduce
-        if init == "identity" and d_student >= d_teacher:
-            with torch.no_grad():
+        self.impl, self.grad_reduce, self.triton_mode = impl, grad_reduce, triton_mode
+        # Parameters are created and initialized in this __init__ (no inner nn.Linear): under
+        # deepspeed.zero.Init a submodule's parameters are partitioned as soon as ITS __init__
+        # returns, and writing the identity into an already partitioned (empty) weight would fail.
+        self.weight = nn.Parameter(torch.empty(d_teacher, d_student))
+        self.bias = nn.Parameter(torch.empty(d_teacher)) if bias else None
+        with torch.no_grad():
+            if init == "identity" and d_student >= d_teacher:
                 self.weight.zero_()
                 self.weight[:, :d_teacher].copy_(torch.eye(d_teacher))
                 if self.bias is not None:
                     self.bias.zero_()
-        elif init not in ("identity", "default"):
-            raise ValueError(f"IFDProjection: init must be 'identity' or 'default', got {init!r}")
+            else:  # nn.Linear's default init
+                nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+                if self.bias is not None:
+                    bound = 1 / math.sqrt(d_student) if d_student > 0 else 0.0
+                    nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, student_feats: torch.Tensor, teacher_feats: torch.Tensor,
                 alpha: float | torch.Tensor = 1.0, group=None) -> torch.Tensor:
         s = student_feats.reshape(-1, self.d_student)
         t = teacher_feats.reshape(-1, self.d_teacher)
-        return fused_ifd_loss(s, t, self.weight, self.bias, alpha, group,
-                              impl=self.impl, grad_reduce=self.grad_reduce)
+        return fused_ifd_loss(s, t, self.weight, self.bias, alpha, group, impl=self.impl,
+                              grad_reduce=self.grad_reduce, triton_mode=self.triton_mode)
 
     def extra_repr(self) -> str:
         return f"d_student={self.d_student}, d_teacher={self.d_teacher}, bias={self.bias is not None}"

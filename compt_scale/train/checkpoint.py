@@ -7,6 +7,7 @@ temp dir and renamed, so `<stage>/model` is either complete or absent.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -57,7 +58,7 @@ def load(engine, ckpt_dir: Path) -> dict | None:
     try:
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
         raise CompTError(f"checkpoint {Path(ckpt_dir) / tag} is unreadable or truncated: "
                          f"{str(e).splitlines()[0][:200]}") from None
     if path is None or not client or "loop" not in client:

@@ -149,43 +149,45 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     log = MetricsLog(cfg.stage_dir, resumed_from)
     tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.seq_len
     start = loop["step"]
-    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True)
-    last_val = None
-    t0 = time.time()
-    for step in range(start, cfg.steps):
-        task_sum = ifd_sum = 0.0
-        for micro in range(t.grad_accum):
-            idx = sample_indices(len(train_data), cfg.seed, step, micro, t.grad_accum, t.micro_batch_size, rank, world)
-            x, y = (v.to(dev) for v in train_data.batch(idx))
-            feats = teacher.features(x) if (teacher is not None and alpha > 0) else None
-            task, ifd = engine(x, y, feats, alpha)
-            loss = task + ifd
-            engine.backward(loss)
-            engine.step()
-            task_sum += task.item() / t.grad_accum
-            ifd_sum += ifd.item() / t.grad_accum
-        bad_loss, stop = all_reduce_flags(not math.isfinite(task_sum + ifd_sum), preempt.requested)
-        if bad_loss:
-            raise CompTError(f"stage {cfg.stage}: loss is not finite at step {step + 1} "
-                             f"(task {task_sum:.4g}, ifd {ifd_sum:.4g}); earlier checkpoints kept")
-        done = step + 1
-        rec = {"step": done, "tokens": done * tokens_per_step, "macs": done * cfg.macs_per_step,
-               "loss": task_sum + ifd_sum, "task_loss": task_sum, "ifd_loss": ifd_sum,
-               "lr": engine.get_lr()[0], "alpha": alpha}
-        if done % t.log_every == 0 or done == 1:
-            log.write(rec)
-        bar.update(1)
-        bar.set_postfix(loss=f"{task_sum:.3f}", ifd=f"{ifd_sum:.3f}")
-        if done % t.eval_every == 0 and done < cfg.steps:
-            last_val = evaluate(engine, val_data, cfg)
-            log.write({"step": done, "tokens": rec["tokens"], "macs": rec["macs"], "val_loss": last_val})
-        if done % t.save_every == 0 or stop:
-            checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha})
-        if stop:
-            bar.close()
-            log.close()
-            raise SystemExit(EXIT_PREEMPTED)
-    bar.close()
+    preempted = False
+    # A context manager, so the bar is closed before an error line is printed, never after it.
+    with tqdm(total=cfg.steps, initial=start, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True) as bar:
+        t0 = time.time()
+        for step in range(start, cfg.steps):
+            task_sum = ifd_sum = 0.0
+            for micro in range(t.grad_accum):
+                idx = sample_indices(len(train_data), cfg.seed, step, micro, t.grad_accum, t.micro_batch_size, rank, world)
+                x, y = (v.to(dev) for v in train_data.batch(idx))
+                feats = teacher.features(x) if (teacher is not None and alpha > 0) else None
+                task, ifd = engine(x, y, feats, alpha)
+                loss = task + ifd
+                engine.backward(loss)
+                engine.step()
+                task_sum += task.item() / t.grad_accum
+                ifd_sum += ifd.item() / t.grad_accum
+            bad_loss, stop = all_reduce_flags(not math.isfinite(task_sum + ifd_sum), preempt.requested)
+            if bad_loss:
+                raise CompTError(f"stage {cfg.stage}: loss is not finite at step {step + 1} "
+                                 f"(task {task_sum:.4g}, ifd {ifd_sum:.4g}); earlier checkpoints kept")
+            done = step + 1
+            rec = {"step": done, "tokens": done * tokens_per_step, "macs": done * cfg.macs_per_step,
+                   "loss": task_sum + ifd_sum, "task_loss": task_sum, "ifd_loss": ifd_sum,
+                   "lr": engine.get_lr()[0], "alpha": alpha}
+            if done % t.log_every == 0 or done == 1:
+                log.write(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{task_sum:.3f}", ifd=f"{ifd_sum:.3f}")
+            if done % t.eval_every == 0 and done < cfg.steps:
+                val = evaluate(engine, val_data, cfg)
+                log.write({"step": done, "tokens": rec["tokens"], "macs": rec["macs"], "val_loss": val})
+            if done % t.save_every == 0 or stop:
+                checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha})
+            if stop:
+                preempted = True
+                break
+    if preempted:
+        log.close()
+        raise SystemExit(EXIT_PREEMPTED)
     final_val = evaluate(engine, val_data, cfg)
     log.write({"final": True, "step": cfg.steps, "tokens": cfg.steps * tokens_per_step,
                "macs": cfg.steps * cfg.macs_per_step, "val_loss": final_val})

@@ -25,7 +25,7 @@ class StudentWithIFD(nn.Module):
         if self.ifd is None or teacher_hidden is None:
             return task, torch.zeros((), device=task.device)
         # T runs inside the IFD head's own forward so ZeRO-3 gathers its weight for the kernel.
-        ifd = self.ifd(hidden, teacher_hidden.to(hidden.dtype), alpha=alpha)
+        ifd = self.ifd(hidden, teacher_hidden, alpha=alpha)
         return task, ifd
 
 

@@ -1,0 +1,225 @@
+"""SLURM: render one sbatch script per chain stage, submit them linked by afterok, report their state.
+
+Scripts come from the template slurm/stage.sbatch ({{placeholders}} filled here) and are written to
+<out>/slurm/<stage>.sbatch; job logs go to <out>/slurm/<stage>-<jobid>.out (appended across
+requeues). Job ids are recorded in <out>/manifest.json (status "submitted", job_id).
+
+Re-running the submitter is safe: a stage whose manifest status is "done" is skipped (its successor
+gets no dependency), a stage whose job is still queued or running is kept (its successor depends on
+that job), and anything else (failed, never started because a predecessor failed, job vanished) is
+submitted again, after cancelling a leftover job that could never start.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..chain.manifest import Manifest
+from ..errors import CompTError
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "stage.sbatch"
+# States in which a job still has a future (it will run, or is running). A job pending on a
+# dependency that can never be satisfied has none, whatever its state says.
+ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
+                 "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+NEVER = "DependencyNeverSatisfied"
+
+
+@dataclass
+class SlurmOptions:
+    nodes: int = 1
+    gpus_per_node: int = 0               # 0: no GPU request (CPU ranks, e.g. the test cluster)
+    nproc_per_node: int | None = None    # default: gpus_per_node, or the spec's nproc without GPUs
+    partition: str | None = None
+    time: str | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    account: str | None = None
+    warn_seconds: int = 300              # USR1 this long before the time limit / preemption
+    nodes_per_stage: dict[str, int] = field(default_factory=dict)
+    time_per_stage: dict[str, str] = field(default_factory=dict)
+    sbatch_args: list[str] = field(default_factory=list)   # extra "#SBATCH <arg>" lines
+    env: list[str] = field(default_factory=list)           # extra "export K=V" lines
+    python: str = sys.executable
+
+
+def parse_per_stage(text: str | None, what: str, cast=str) -> dict:
+    """`s1=1,s2=4` -> {"s1": 1, "s2": 4}; errors name the flag."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip() or not value.strip():
+            raise CompTError(f"--{what}: expected name=value[,name=value...], got {item!r}")
+        try:
+            out[name.strip()] = cast(value.strip())
+        except ValueError:
+            raise CompTError(f"--{what}: bad value {value!r} for stage {name!r}") from None
+    return out
+
+
+def _check(spec, opts: SlurmOptions, out: Path) -> None:
+    names = {s.name for s in spec.stages + spec.baselines}
+    for flag, table in (("nodes-per-stage", opts.nodes_per_stage), ("time-per-stage", opts.time_per_stage)):
+        for name in table:
+            if name not in names:
+                raise CompTError(f"--{flag}: no stage named {name!r} (stages: {', '.join(sorted(names))})")
+    for n in [opts.nodes, *opts.nodes_per_stage.values()]:
+        if n < 1:
+            raise CompTError(f"--nodes: must be >= 1, got {n}")
+    if opts.gpus_per_node < 0 or (opts.nproc_per_node is not None and opts.nproc_per_node < 1):
+        raise CompTError("--gpus-per-node must be >= 0 and --nproc-per-node >= 1")
+    if re.search(r"\s", str(out)):  # #SBATCH lines cannot quote paths
+        raise CompTError(f"--out: SLURM log paths cannot contain whitespace: {out}")
+    for e in opts.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", e):
+            raise CompTError(f"--env: expected NAME=VALUE, got {e!r}")
+
+
+def render_stage(spec, stage: str, out: Path, opts: SlurmOptions) -> str:
+    """The sbatch script text for one stage."""
+    out = Path(out).resolve()
+    nodes = opts.nodes_per_stage.get(stage, opts.nodes)
+    time_limit = opts.time_per_stage.get(stage, opts.time)
+    nproc = opts.nproc_per_node or opts.gpus_per_node or spec.nproc
+    d = [f"--job-name=compt-{spec.name}-{stage}", f"--nodes={nodes}", "--ntasks-per-node=1"]
+    if opts.gpus_per_node:
+        d.append(f"--gpus-per-node={opts.gpus_per_node}")
+    for flag, value in (("cpus-per-task", opts.cpus_per_task), ("partition", opts.partition),
+                        ("time", time_limit), ("mem", opts.mem), ("account", opts.account)):
+        if value:
+            d.append(f"--{flag}={value}")
+    d += [f"--output={out}/slurm/{stage}-%j.out",
+          "--open-mode=append",                     # a requeued attempt continues the same log
+          "--requeue",
+          f"--signal=B:USR1@{opts.warn_seconds}",   # B: only this script; it forwards (see below)
+          f"--chdir={Path.cwd()}"]
+    d += opts.sbatch_args
+    fill = {
+        "directives": "\n".join(f"#SBATCH {x}" for x in d),
+        "python": shlex.quote(opts.python),
+        "spec": shlex.quote(str(spec.source)),
+        "out": shlex.quote(str(out)),
+        "stage": shlex.quote(stage),
+        "nproc_per_node": str(nproc),
+        "warn_seconds": str(opts.warn_seconds),
+        "srun_gpus": f"--gpus-per-node={opts.gpus_per_node}" if opts.gpus_per_node else "",
+        "env": "\n".join(f"export {k}={shlex.quote(v)}" for k, _, v in (e.partition("=") for e in opts.env)),
+    }
+    text = TEMPLATE.read_text()
+    for k, v in fill.items():
+        text = text.replace("{{" + k + "}}", v)
+    left = re.findall(r"\{\{(\w+)\}\}", text)
+    assert not left, f"unfilled template placeholders: {left}"
+    return text
+
+
+def stage_names(spec, baselines: bool = False) -> list[str]:
+    return [s.name for s in spec.stages] + ([s.name for s in spec.baselines] if baselines else [])
+
+
+def write_scripts(spec, out: Path, opts: SlurmOptions, baselines: bool = False) -> dict[str, Path]:
+    out = Path(out).resolve()
+    if spec.source is None:
+        raise CompTError("the chain spec must come from a file (the jobs re-read it)")
+    _check(spec, opts, out)
+    (out / "slurm").mkdir(parents=True, exist_ok=True)  # SLURM will not create the log dir
+    paths = {}
+    for name in stage_names(spec, baselines):
+        p = out / "slurm" / f"{name}.sbatch"
+        p.write_text(render_stage(spec, name, out, opts))
+        p.chmod(0o755)
+        paths[name] = p
+    return paths
+
+
+# ---------------------------------------------------------------- talking to SLURM
+
+def _slurm(*args: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise CompTError(f"{args[0]}: not found; is this a SLURM login node?") from None
+
+
+def job_info(job_id: str | None) -> dict | None:
+    """`scontrol show job -o` fields ({} keys JobState, Reason, ExitCode, Restarts...), None if unknown."""
+    if not job_id:
+        return None
+    r = _slurm("scontrol", "show", "job", "-o", str(job_id))
+    if r.returncode != 0 or "JobState=" not in r.stdout:
+        return None
+    info = {}
+    for tok in r.stdout.split():
+        k, _, v = tok.partition("=")
+        info.setdefault(k, v)
+    return info
+
+
+def _alive(info: dict | None) -> bool:
+    return bool(info) and info.get("JobState") in ACTIVE_STATES and info.get("Reason") != NEVER
+
+
+def submit(spec, out: Path, scripts: dict[str, Path], log=print) -> dict[str, str | None]:
+    """Submit the stages in chain order, each `--dependency=afterok:<previous job>`; returns
+    {stage: job id or None when skipped as done}. Baselines (if scripted) go without dependencies."""
+    out = Path(out).resolve()
+    m = Manifest(out)
+    m.init(spec)
+    jobs: dict[str, str | None] = {}
+    prev = None
+    for name in scripts:
+        chain = spec.is_chain_stage(name)
+        rec = m.stage(name)
+        if rec.get("status") == "done":
+            log(f"{name}: done, skipped")
+            jobs[name] = None
+            prev = None if chain else prev
+            continue
+        info = job_info(rec.get("job_id")) if rec.get("status") in ("submitted", "running", "preempted") else None
+        if _alive(info):
+            log(f"{name}: job {rec['job_id']} already {info['JobState'].lower()}, kept")
+            jobs[name] = rec["job_id"]
+            prev = rec["job_id"] if chain else prev
+            continue
+        if info and info.get("JobState") in ACTIVE_STATES:   # pending forever: clear it away
+            _slurm("scancel", str(rec["job_id"]))
+        cmd = ["sbatch", "--parsable"]
+        if chain and prev:
+            cmd.append(f"--dependency=afterok:{prev}")
+        r = _slurm(*cmd, str(scripts[name]))
+        if r.returncode != 0:
+            raise CompTError(f"sbatch failed for stage {name}: {r.stderr.strip() or r.stdout.strip()}")
+        job = r.stdout.strip().split(";")[0]   # --parsable prints "jobid[;cluster]"
+        m.update_stage(name, status="submitted", job_id=job, error=None,
+                       slurm_script=str(scripts[name].relative_to(out)))
+        after = f" (after job {prev})" if chain and prev else ""
+        log(f"{name}: submitted job {job}{after}")
+        jobs[name] = job
+        prev = job if chain else prev
+    return jobs
+
+
+def status_lines(spec, out: Path) -> list[str]:
+    """One line per stage: manifest status, job, SLURM's view, error. A stage pending on a dependency
+    that can never be satisfied is reported as never started, naming the stage that failed."""
+    m = Manifest(out).read().get("stages", {})
+    lines, failed = [], None
+    for s in spec.stages + spec.baselines:
+        rec = m.get(s.name, {})
+        st, job = rec.get("status", "pending"), rec.get("job_id")
+        info = job_info(job) if job else None
+        slurm = f"{info['JobState']}" + (f" ({info['Reason']})" if info.get("Reason", "None") != "None" else "") \
+            if info else ("-" if not job else "gone from scontrol")
+        line = f"{s.name:<16} {st:<10} job {job or '-':<8} slurm {slurm}"
+        if st == "failed":
+            failed = failed or s.name
+            line += f"  error: {rec.get('error') or '?'}"
+        elif info and info.get("Reason") == NEVER:
+            line += f"  never started: its dependency failed (stage {failed or '?'})"
+        lines.append(line)
+    return lines

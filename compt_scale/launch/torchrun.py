@@ -1,0 +1,133 @@
+"""`python -m compt_scale.launch.torchrun [--exit-file F] <torchrun args>`: torchrun, plus two things
+a preemptible stage needs that torchrun itself does not do.
+
+1. SIGUSR1 reaches the workers. torchrun's agent does not forward USR1 (by default USR1 would just
+   kill the agent and, with it, the workers without a checkpoint). This wrapper runs torchrun's agent
+   in-process and installs its own USR1 handler that forwards the signal to the agent's children, the
+   worker processes. A worker that has not yet installed its own USR1 handler (still importing torch)
+   would be killed by the default action, so a worker is signalled only once /proc says it catches
+   USR1; until then the signal stays pending and is retried.
+2. Exit code 99 survives. torchrun turns any failed worker into exit code 1. The stage contract is
+   "99 = checkpointed after a preemption signal, requeue me", so: exit 99 when at least one worker
+   exited 99 and every other failed worker either exited 99 too or was killed by a signal (the agent
+   SIGTERMs the rest once the first has exited); otherwise the code of the earliest worker that failed
+   with its own code (1 when all died by signals). `--exit-file F` also writes that code to F, so a
+   multi-node batch script can check every node (srun reports only the highest task exit code).
+
+Used by slurm/stage.sbatch (one per node under srun) and launchers/torchrun.sh.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+PREEMPTED = 99
+_USR1_BIT = 1 << (signal.SIGUSR1 - 1)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of pid, from /proc (no psutil dependency)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # Field 4 is the ppid; the command name in field 2 may contain spaces, so split after ')'.
+        rest = stat.rsplit(")", 1)[-1].split()
+        if len(rest) > 1 and int(rest[1]) == pid:
+            kids.append(int(entry))
+    return kids
+
+
+def _catches_usr1(pid: int) -> bool:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & _USR1_BIT)
+    except OSError:
+        pass
+    return False
+
+
+class Usr1Forwarder:
+    """On SIGUSR1: signal every worker (child) once, as soon as it catches USR1 itself."""
+
+    def __init__(self, poll: float = 0.2):
+        self.pending = threading.Event()
+        self.signalled: set[int] = set()
+        self.poll = poll
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGUSR1, self._on_signal)
+        threading.Thread(target=self._retry_loop, daemon=True, name="usr1-forward").start()
+
+    def _on_signal(self, signum, frame) -> None:
+        print(f"[compt torchrun] SIGUSR1 on {os.uname().nodename}: asking workers to checkpoint",
+              file=sys.stderr, flush=True)
+        self.pending.set()
+        self.forward()
+
+    def forward(self) -> None:
+        with self._lock:
+            for pid in _children(os.getpid()):
+                if pid not in self.signalled and _catches_usr1(pid):
+                    try:
+                        os.kill(pid, signal.SIGUSR1)
+                        self.signalled.add(pid)
+                    except ProcessLookupError:
+                        pass
+
+    def _retry_loop(self) -> None:
+        # Workers started after the signal (or still importing when it came) get it when ready.
+        while True:
+            self.pending.wait()
+            self.forward()
+            time.sleep(self.poll)
+
+
+def exit_code_of(failures: dict) -> int:
+    """Map torchrun's per-rank failures ({rank: ProcessFailure}) to this wrapper's exit code."""
+    codes = [f.exitcode for f in failures.values()]
+    if PREEMPTED in codes and all(c == PREEMPTED or c < 0 for c in codes):
+        return PREEMPTED
+    # A real failure: the earliest worker that exited with its own error code (not 99, not a signal).
+    real = [f for f in failures.values() if f.exitcode > 0 and f.exitcode != PREEMPTED]
+    return min(real, key=lambda f: f.timestamp).exitcode if real else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exit_file = None
+    if argv[:1] == ["--exit-file"]:
+        # "{node}" in the path becomes this node's index in the allocation (one file per node).
+        exit_file = Path(argv[1].replace("{node}", os.environ.get("SLURM_NODEID", "0")))
+        argv = argv[2:]
+    Usr1Forwarder().install()  # first: importing torch takes seconds, USR1 must not kill us meanwhile
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(argv))
+        code = 0
+    except ChildFailedError as e:
+        code = exit_code_of(e.failures)
+        what = "preempted: workers checkpointed" if code == PREEMPTED else "workers failed"
+        print(f"[compt torchrun] {what} (exit codes "
+              f"{sorted({f.exitcode for f in e.failures.values()})}) -> exit {code}",
+              file=sys.stderr, flush=True)
+    if exit_file is not None:
+        exit_file.parent.mkdir(parents=True, exist_ok=True)
+        exit_file.write_text(f"{code}\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

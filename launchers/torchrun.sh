@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run one chain stage on this machine with N processes (one per GPU), launched by torchrun.
+#
+#   NPROC=2 launchers/torchrun.sh configs/demo.yaml --stage s --out runs/demo [--resume]
+#
+# Arguments after the spec are those of `compt-scale stage`. NPROC defaults to the number of GPUs
+# (nvidia-smi -L), or 1 without GPUs (CPU ranks use gloo). A whole chain on one machine is
+# `compt-scale chain SPEC --out DIR --nproc N`, which launches each stage like this itself.
+#
+# It runs torchrun through compt_scale.launch.torchrun, which forwards SIGUSR1 to the workers and
+# keeps their exit code 99: `kill -USR1 <pid of this script>` makes the stage checkpoint and exit 99,
+# and the same command with --resume continues it. --standalone picks a free rendezvous port, so
+# several runs can share a machine.
+# Extra torchrun options: TORCHRUN_ARGS="--master_port 29600" (space-separated).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+if [ -z "${NPROC:-}" ]; then
+  NPROC=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+  [ "${NPROC:-0}" -gt 0 ] || NPROC=1
+fi
+if [ $# -lt 1 ]; then
+  echo "usage: NPROC=N $0 SPEC.yaml --stage NAME --out DIR [--resume]" >&2
+  exit 2
+fi
+# exec: signals sent to this script's pid reach the launcher directly.
+# shellcheck disable=SC2086
+exec "$PY" -m compt_scale.launch.torchrun --standalone --nproc_per_node "$NPROC" ${TORCHRUN_ARGS:-} \
+  -m compt_scale.cli stage "$@"

@@ -1,0 +1,152 @@
+"""SLURM scripts and launch helpers without running a chain: rendering, `bash -n`, the rendezvous of a
+fake 3-node allocation (real scontrol and our fallback expander), the torchrun wrapper's USR1
+forwarding and exit codes (real torchrun, dummy workers), the manifest helper, CLI errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import REPO, run_cli, write_spec
+from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+
+from compt_scale.chain.manifest import Manifest
+from compt_scale.launch.hostlist import expand
+from compt_scale.launch.torchrun import PREEMPTED, exit_code_of
+
+FAKE_ALLOC = {"SLURM_JOB_NODELIST": "node[01-03]", "SLURM_NNODES": "3", "SLURM_JOB_ID": "4242",
+              "COMPT_DRY_RUN": "1"}
+
+
+@pytest.fixture(scope="module")
+def scripts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("render")
+    spec = write_spec(d / "two.yaml", [{"name": "s1", "model": "llama-xs", "tokens": 1280},
+                                       {"name": "s2", "model": "llama-s", "tokens": 1280}])
+    out = d / "out"
+    r = run_cli("slurm", spec, "--out", out, "--nodes", "2", "--gpus-per-node", "8", "--nodes-per-stage", "s2=3",
+                "--time", "2:00:00", "--time-per-stage", "s1=0:30:00", "--partition", "gpu", "--cpus-per-task", "64",
+                "--warn-seconds", "600", "--env", "NCCL_SOCKET_IFNAME=ib0", "--sbatch-arg=--qos=high")
+    assert "s1: wrote" in r.stdout and "s2: wrote" in r.stdout
+    return SimpleNamespace(spec=spec, out=out, s1=out / "slurm" / "s1.sbatch", s2=out / "slurm" / "s2.sbatch")
+
+
+def directives(path: Path) -> list[str]:
+    return [ln[len("#SBATCH "):] for ln in path.read_text().splitlines() if ln.startswith("#SBATCH ")]
+
+
+def test_generated_scripts_pass_bash_n_and_carry_per_stage_resources(scripts):
+    for p in (scripts.s1, scripts.s2, REPO / "slurm" / "stage.sbatch", REPO / "launchers" / "torchrun.sh",
+              REPO / "launchers" / "deepspeed.sh", REPO / "slurm" / "install-deps.sh"):
+        r = subprocess.run(["bash", "-n", str(p)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{p}: {r.stderr}"
+    d1, d2 = directives(scripts.s1), directives(scripts.s2)
+    assert "--nodes=2" in d1 and "--nodes=3" in d2                  # nodes differ per stage
+    assert "--time=0:30:00" in d1 and "--time=2:00:00" in d2        # so do time limits
+    for d in (d1, d2):
+        for want in ("--gpus-per-node=8", "--ntasks-per-node=1", "--partition=gpu", "--cpus-per-task=64",
+                     "--requeue", "--open-mode=append", "--signal=B:USR1@600", "--qos=high"):
+            assert want in d, (want, d)
+    assert f"--output={scripts.out.resolve()}/slurm/s2-%j.out" in d2
+    assert "export NCCL_SOCKET_IFNAME=ib0" in scripts.s2.read_text()
+    assert "{{" not in scripts.s2.read_text()
+
+
+def _dry_run(script: Path, env: dict) -> list[str]:
+    r = subprocess.run(["bash", str(script)], env={**os.environ, **FAKE_ALLOC, **env},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()
+
+
+def _check_rendezvous(cmd: list[str], spec: Path, out: Path):
+    def arg(flag):
+        return cmd[cmd.index(flag) + 1]
+    assert cmd[0] == "srun" and "--nodes=3" in cmd and "--ntasks=3" in cmd and "--ntasks-per-node=1" in cmd
+    assert "--gpus-per-node=8" in cmd
+    assert cmd[cmd.index("-m") + 1] == "compt_scale.launch.torchrun"
+    assert arg("--nnodes") == "3" and arg("--nproc_per_node") == "8"
+    assert arg("--rdzv_backend") == "c10d"
+    assert arg("--rdzv_endpoint") == "node01:24242"    # first node of node[01-03], port from the job id
+    assert arg("--rdzv_id") == "4242"
+    stage = cmd[cmd.index("compt_scale.cli"):]
+    assert stage[1:] == ["stage", str(spec.resolve()), "--stage", "s2", "--out", str(out.resolve()), "--resume"]
+
+
+def test_rendezvous_of_fake_3_node_allocation_with_fallback_expander(scripts):
+    # No usable slurm.conf: scontrol cannot run, the script falls back to compt_scale.launch.hostlist.
+    _check_rendezvous(_dry_run(scripts.s2, {"SLURM_CONF": "/nonexistent/slurm.conf"}), scripts.spec, scripts.out)
+
+
+def test_rendezvous_of_fake_3_node_allocation_with_real_scontrol(scripts, slurm_cluster):
+    _check_rendezvous(_dry_run(scripts.s2, {"SLURM_CONF": slurm_cluster.env["SLURM_CONF"]}), scripts.spec, scripts.out)
+
+
+def test_hostlist_expander_matches_scontrol(slurm_cluster):
+    for nl in ("node[01-03]", "gpu-a[7,9-10],login1", "r[1-2]n[08-10]", "single", "n[098-101]"):
+        real = slurm_cluster.run("scontrol", "show", "hostnames", nl).stdout.split()
+        assert expand(nl) == real, nl
+
+
+def test_cli_errors_are_one_line(scripts):
+    r = run_cli("slurm", scripts.spec, "--out", scripts.out, "--nodes-per-stage", "nope=2", check=False)
+    assert r.returncode == 2 and "--nodes-per-stage: no stage named 'nope'" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("slurm", scripts.spec, "--out", scripts.out, "--time-per-stage", "s1", check=False)
+    assert r.returncode == 2 and "expected name=value" in r.stderr
+
+
+def test_jobstate_keeps_the_stages_own_error(tmp_path):
+    m = Manifest(tmp_path)
+    m.update_stage("s1", status="failed", error="stage s1: the real reason")
+    js = [sys.executable, "-m", "compt_scale.launch.jobstate", str(tmp_path), "s1", "--job-id", "7"]
+    subprocess.run(js + ["--status", "failed", "--unless", "failed,done", "--error", "generic"], check=True)
+    assert m.stage("s1")["error"] == "stage s1: the real reason" and m.stage("s1")["job_id"] == "7"
+    subprocess.run(js + ["--status", "running", "--unless", "done"], check=True)
+    assert m.stage("s1")["status"] == "running" and m.stage("s1")["error"] is None
+
+
+def test_exit_code_mapping():
+    f = lambda code, ts=0: SimpleNamespace(exitcode=code, timestamp=ts)   # noqa: E731
+    assert exit_code_of({0: f(99), 1: f(99)}) == PREEMPTED
+    assert exit_code_of({0: f(99, 1), 1: f(-15, 2)}) == PREEMPTED     # the agent SIGTERMed the slower rank
+    assert exit_code_of({0: f(99, 1), 1: f(3, 2)}) == 3                # a real error is never "preempted"
+    assert exit_code_of({0: f(-9)}) == 1
+    assert exit_code_of({0: f(2, 5), 1: f(1, 3)}) == 1                 # earliest real failure
+
+
+WORKER = """
+import os, signal, sys, time
+time.sleep(float(os.environ["HANDLER_DELAY"]))   # USR1 arriving before this would kill a naive worker
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append(time.time()))
+open(os.path.join(os.environ["MARK"], "ready" + os.environ["RANK"]), "w").close()
+for _ in range(600):
+    time.sleep(0.05)
+    if got:
+        open(os.path.join(os.environ["MARK"], "usr1-" + os.environ["RANK"]), "w").close()
+        sys.exit(99)
+sys.exit(0)
+"""
+
+
+def test_torchrun_wrapper_forwards_usr1_to_every_worker_and_keeps_99(tmp_path):
+    (tmp_path / "w.py").write_text(WORKER)
+    env = {**os.environ, "MARK": str(tmp_path), "HANDLER_DELAY": "3"}
+    exit_file = tmp_path / "exit" / "node-{node}"
+    p = subprocess.Popen([sys.executable, "-m", "compt_scale.launch.torchrun", "--exit-file", str(exit_file),
+                          "--standalone", "--nproc_per_node", "2", str(tmp_path / "w.py")],
+                         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGUSR1)   # early: workers are not catching USR1 yet; must be held, not lost
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == PREEMPTED, out[-3000:]
+    assert (tmp_path / "usr1-0").exists() and (tmp_path / "usr1-1").exists(), out[-3000:]
+    assert (tmp_path / "exit" / "node-0").read_text().strip() == "99"
