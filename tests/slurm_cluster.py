@@ -10,6 +10,7 @@ then `slurm_cluster.env` is the environment for sbatch/scontrol/compt-scale (SLU
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -174,6 +176,44 @@ def slurm_cluster():
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- preemption reference run
+PREEMPT_STEPS = 80   # llama-s, 2 ranks: long enough to be signalled mid-run on a busy 2-core box
+
+
+def read_metrics(stage_dir: Path) -> list[dict]:
+    try:
+        return [json.loads(ln) for ln in (Path(stage_dir) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def train_losses(stage_dir: Path) -> dict:
+    return {r["step"]: (r["loss"], r["lr"]) for r in read_metrics(stage_dir) if "loss" in r}
+
+
+def last_step(stage_dir: Path) -> int:
+    return max((r.get("step", 0) for r in read_metrics(stage_dir)), default=0)
+
+
+@pytest.fixture(scope="session")
+def preempt_reference(tmp_path_factory, tiny_data):
+    """A 1-stage, 2-rank spec and its uninterrupted losses, run with launchers/deepspeed.sh (so the
+    preempted torchrun/SLURM runs are also checked against the other launcher)."""
+    from conftest import REPO, write_spec
+    d = tmp_path_factory.mktemp("preempt")
+    spec = write_spec(d / "p.yaml", [{"name": "a", "model": "llama-s", "tokens": PREEMPT_STEPS * 4 * 2 * 32}],
+                      data_dir=tiny_data, train={"save_every": 1000, "eval_every": 1000}, nproc=2)
+    r = subprocess.run(["bash", str(REPO / "launchers" / "deepspeed.sh"), str(spec), "--stage", "a",
+                        "--out", str(d / "ref")], env=dict(os.environ, NPROC="2"), cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    losses = train_losses(d / "ref" / "a")
+    assert sorted(losses) == list(range(1, PREEMPT_STEPS + 1))
+    final = read_metrics(d / "ref" / "a")[-1]
+    assert final.get("final")
+    return SimpleNamespace(spec=spec, losses=losses, final_val=final["val_loss"], dir=d)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.image
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,6 +56,16 @@ def test_three_stage_chain_zero3_on_two_ranks(tmp_path, tiny_data):
         assert (out / name / "growth.json").is_file()
     assert metrics(out / "m")[-1]["final"] is True
     assert any((out / "xs" / "tb").iterdir())
+    # The chain ends with the report: the terminal table states the manifest's own figures.
+    for name in ("xs", "s", "m"):
+        row = next(l for l in proc.stdout.splitlines() if l.split()[:1] == [name])
+        cols = row.split()
+        assert int(cols[3]) == manifest[name]["params"] and int(cols[4]) == manifest[name]["tokens"]
+        assert float(cols[5]) == pytest.approx(manifest[name]["macs"], rel=1e-4)
+        assert float(cols[6]) == pytest.approx(manifest[name]["final_val_loss"], abs=1e-4)
+    assert (out / "report.html").is_file()
+    for png in ("loss_vs_macs.png", "val_loss_vs_macs.png", "stage_cost.png"):
+        assert matplotlib.image.imread(out / png).shape[2] in (3, 4)
     # Re-running with --resume skips finished stages.
     again = run_cli("chain", spec, "--out", out, "--nproc", 2, "--resume")
     assert again.stdout.count("done, skipped") == 3

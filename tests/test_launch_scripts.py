@@ -80,9 +80,13 @@ def _check_rendezvous(cmd: list[str], spec: Path, out: Path):
     assert stage[1:] == ["stage", str(spec.resolve()), "--stage", "s2", "--out", str(out.resolve()), "--resume"]
 
 
-def test_rendezvous_of_fake_3_node_allocation_with_fallback_expander(scripts):
-    # No usable slurm.conf: scontrol cannot run, the script falls back to compt_scale.launch.hostlist.
-    _check_rendezvous(_dry_run(scripts.s2, {"SLURM_CONF": "/nonexistent/slurm.conf"}), scripts.spec, scripts.out)
+def test_rendezvous_of_fake_3_node_allocation_with_fallback_expander(scripts, tmp_path):
+    # An scontrol that cannot run (as on a machine without slurm.conf, where the real one would first
+    # spend a minute on DNS lookups): the script falls back to compt_scale.launch.hostlist.
+    (tmp_path / "scontrol").write_text("#!/bin/sh\necho 'scontrol: fatal: no config' >&2\nexit 1\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    _check_rendezvous(_dry_run(scripts.s2, env), scripts.spec, scripts.out)
 
 
 def test_rendezvous_of_fake_3_node_allocation_with_real_scontrol(scripts, slurm_cluster):
@@ -132,6 +136,7 @@ for _ in range(600):
     time.sleep(0.05)
     if got:
         open(os.path.join(os.environ["MARK"], "usr1-" + os.environ["RANK"]), "w").close()
+        time.sleep(2)   # like the stage's all-rank agreement: no rank leaves before all have the signal
         sys.exit(99)
 sys.exit(0)
 """
