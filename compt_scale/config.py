@@ -21,9 +21,13 @@ DEPTH_OPS = ("duplicate", "stack", "zero")
 
 @dataclass
 class DataSpec:
-    corpus: str = "stdlib"            # "stdlib" (Python's own source + docs) or "files"
-    paths: list[str] = field(default_factory=list)   # txt / jsonl / parquet, with corpus: files
+    corpus: str = "stdlib"            # decoders: "stdlib" (Python's own source + docs) or "files";
+                                      # open_clip: "shapes" (scenes rendered here) or "files" (CSV)
+    paths: list[str] = field(default_factory=list)   # txt / jsonl / parquet (decoders), csv (open_clip)
     text_field: str = "text"
+    image_field: str = "filepath"     # open_clip: the CSV column with image paths
+    image_size: int = 64              # open_clip: images are resized to this
+    num_samples: int = 20000          # open_clip "shapes": how many image-caption pairs to render
     tokenizer: str = "train"          # "train" (SentencePiece trained here) or an HF tokenizer dir
     vocab_size: int = 4096
     seq_len: int = 128
@@ -235,8 +239,8 @@ def _validate_section(obj, where: str) -> None:
         if obj.depth not in DEPTH_OPS:
             raise CompTError(f"{where}.depth: unknown operator {obj.depth!r} (known: {', '.join(DEPTH_OPS)})")
     elif isinstance(obj, DataSpec):
-        if obj.corpus not in ("stdlib", "files"):
-            raise CompTError(f"data.corpus: must be 'stdlib' or 'files', got {obj.corpus!r}")
+        if obj.corpus not in ("stdlib", "files", "shapes"):
+            raise CompTError(f"data.corpus: must be 'stdlib', 'shapes' or 'files', got {obj.corpus!r}")
         if obj.corpus == "files":
             if not obj.paths:
                 raise CompTError("data.paths: corpus 'files' needs at least one path")
@@ -322,8 +326,9 @@ def validate_chain(spec: ChainSpec) -> None:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise CompTError(f"stages: duplicate stage name(s): {', '.join(sorted(dup))}")
-    if spec.family != "hf_decoder":
-        raise CompTError(f"spec.family: unknown family {spec.family!r} (known: hf_decoder)")
+    from .families import FAMILIES
+    if spec.family not in FAMILIES:
+        raise CompTError(f"spec.family: unknown family {spec.family!r} (known: {', '.join(FAMILIES)})")
     _validate_section(spec.data, "data")
     _validate_section(spec.train, "train")
     _validate_section(spec.ifd, "ifd")

@@ -13,37 +13,37 @@ def tiny(preset, seed):
 
 
 def test_ifd_gradients_reach_student_and_projection_not_teacher():
-    teacher = FrozenTeacher(tiny("llama-xs", 0), torch.float32, torch.device("cpu"))
+    teacher = FrozenTeacher(hf_decoder, tiny("llama-xs", 0), torch.float32, torch.device("cpu"))
     student = tiny("llama-s", 1)
-    module = StudentWithIFD(student, IFDProjection(128, 64, init="default"))
+    module = StudentWithIFD(hf_decoder, student, [IFDProjection(128, 64, init="default")])
     x = torch.randint(0, 128, (2, 16))
     y = torch.randint(0, 128, (2, 16))
-    task, ifd = module(x, y, teacher.features(x), alpha=0.5)
+    task, ifd = module((x, y), teacher.features((x, y)), alpha=0.5)
     assert ifd.item() > 0
     # The IFD term alone: its gradient flows into the student's layers and into T.
     ifd.backward()
-    assert module.ifd.weight.grad is not None and module.ifd.weight.grad.abs().sum() > 0
+    assert module.ifd[0].weight.grad is not None and module.ifd[0].weight.grad.abs().sum() > 0
     assert student.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters())
     # alpha scales the term linearly.
-    _, ifd2 = module(x, y, teacher.features(x), alpha=1.0)
+    _, ifd2 = module((x, y), teacher.features((x, y)), alpha=1.0)
     assert torch.allclose(ifd2, 2 * ifd.detach(), rtol=1e-5)
 
 
 def test_without_teacher_the_objective_is_the_task_loss():
     student = tiny("llama-xs", 0)
-    module = StudentWithIFD(student, None)
+    module = StudentWithIFD(hf_decoder, student, None)
     x = torch.randint(0, 128, (2, 16))
-    task, ifd = module(x, x)
+    task, ifd = module((x, x))
     ref = torch.nn.functional.cross_entropy(student(input_ids=x).logits.reshape(-1, 128), x.reshape(-1))
     assert ifd.item() == 0 and torch.allclose(task, ref)
 
 
 def test_auto_alpha_makes_ifd_a_fixed_fraction_of_the_task_loss():
-    teacher = FrozenTeacher(tiny("llama-xs", 0), torch.float32, torch.device("cpu"))
-    module = StudentWithIFD(tiny("llama-s", 1), IFDProjection(128, 64, init="default"))
+    teacher = FrozenTeacher(hf_decoder, tiny("llama-xs", 0), torch.float32, torch.device("cpu"))
+    module = StudentWithIFD(hf_decoder, tiny("llama-s", 1), [IFDProjection(128, 64, init="default")])
     batches = [(torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))) for _ in range(2)]
     alpha = calibrate_alpha(module, teacher, batches, ratio=0.1)
-    task = sum(module(x, y)[0].item() for x, y in batches)
-    ifd = sum(module(x, y, teacher.features(x), alpha=alpha)[1].item() for x, y in batches)
+    task = sum(module(b)[0].item() for b in batches)
+    ifd = sum(module(b, teacher.features(b), alpha=alpha)[1].item() for b in batches)
     assert abs(ifd / task - 0.1) < 1e-3

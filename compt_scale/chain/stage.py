@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from ..config import ChainSpec
-from ..data.packed import prepare_data
 from ..errors import CompTError
 from ..families import get_family
 from ..train.distributed import device, init_distributed
@@ -25,21 +24,10 @@ def data_dir_for(spec: ChainSpec, out: Path) -> Path:
     return Path(spec.data.cache_dir) if spec.data.cache_dir else out / "data"
 
 
-def stage_config(spec: ChainSpec, name: str, data_dir: Path):
-    """The stage's model config with the prepared tokenizer's vocab and special tokens."""
-    family = get_family(spec.family)
-    meta = json.loads((data_dir / "meta.json").read_text())
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
-    return family.load_config(spec.stage(name).model, vocab_size=meta["vocab_size"],
-                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                              pad_token_id=tok.pad_token_id)
-
-
 def steps_for(spec: ChainSpec, name: str, world: int) -> int:
     stage = spec.stage(name)
     t = spec.train_for(stage)
-    per_step = t.micro_batch_size * t.grad_accum * world * spec.data.seq_len
+    per_step = t.micro_batch_size * t.grad_accum * world * get_family(spec.family).tokens_per_sample(spec)
     return max(1, -(-stage.tokens // per_step))
 
 
@@ -50,13 +38,12 @@ def load_teacher(spec: ChainSpec, name: str, out: Path):
         return None, None
     rec = Manifest(out).stage(pred.name)
     export = out / pred.name / "model"
-    if rec.get("status") != "done" or not (export / "config.json").is_file():
+    if rec.get("status") != "done" or not export.is_dir():
         raise CompTError(f"stage {name}: predecessor {pred.name!r} has no finished export at {export} "
                          f"(status: {rec.get('status', 'never run')})")
-    from transformers import AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as e:
+        model = get_family(spec.family).load_export(export)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise CompTError(f"stage {name}: cannot load predecessor export {export}: {str(e).splitlines()[0]}") from None
     return pred, model
 
@@ -88,53 +75,53 @@ def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> di
 
 
 def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
-    from ..flops import stage_macs
+    from ..grow import grow_state
     from ..kernels import IFDProjection
     from ..launch.ds_presets import build_ds_config, describe
+    from ..train import checkpoint
     from ..train.loop import LoopConfig, train_stage
     from ..train.objective import FrozenTeacher, StudentWithIFD
-    from ..train import checkpoint
 
     stage = spec.stage(name)
     family = get_family(spec.family)
-    data_dir = prepare_data(spec.data, data_dir_for(spec, out))
+    data_dir = family.prepare(spec, data_dir_for(spec, out))
     dist.barrier()
     if rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
         manifest.update_stage(name, status="running", error=None, world_size=world,
                               job_id=os.environ.get("SLURM_JOB_ID"))
-    cfg = stage_config(spec, name, data_dir)
+    cfg = family.model_config(spec, stage, data_dir)
     train, ifd, growth = spec.train_for(stage), spec.ifd_for(stage), spec.growth_for(stage)
     student = family.build(cfg, seed=spec.seed + 1000 * (spec.index(name) + 1))
     pred, teacher_model = load_teacher(spec, name, out)
-    growth_report = None
+    teacher, heads = None, None
     if teacher_model is not None:
-        from ..grow import grow_state
-        grown, growth_report = grow_state(teacher_model.state_dict(), teacher_model.config, cfg,
-                                          student.state_dict(), width=growth.width, depth=growth.depth)
+        t_cfg = family.config_of(teacher_model)
+        grown, growth_report = grow_state(teacher_model.state_dict(), t_cfg, cfg, student.state_dict(),
+                                          width=growth.width, depth=growth.depth)
         student.load_state_dict(grown)
         if rank == 0:
             (stage_dir / "growth.json").write_text(json.dumps(growth_report, indent=2, default=str))
-    teacher, head = None, None
-    if teacher_model is not None and ifd.enabled:
-        dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
-        teacher = FrozenTeacher(teacher_model, dtype, device())
-        head = IFDProjection(family.hidden_size(cfg), family.hidden_size(teacher_model.config))
+        if ifd.enabled:
+            dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+            teacher = FrozenTeacher(family, teacher_model, dtype, device())
+            heads = [IFDProjection(d_s, d_t) for d_s, d_t in zip(family.feature_dims(cfg), family.feature_dims(t_cfg))]
     n_params = sum(p.numel() for p in student.parameters())
     steps = steps_for(spec, name, world)
-    tokens_per_step = train.micro_batch_size * train.grad_accum * world * spec.data.seq_len
-    macs = stage_macs(cfg, teacher.config if teacher else None, spec.data.seq_len, tokens_per_step, 1)
+    samples_per_step = train.micro_batch_size * train.grad_accum * world
+    macs = family.stage_macs(cfg, teacher.config if teacher else None, spec, samples_per_step)
     ds_config = build_ds_config(n_params, train, world)
     if rank == 0:
-        print(f"[{name}] {n_params / 1e6:.2f}M params, {steps} steps x {tokens_per_step} tokens, "
+        print(f"[{name}] {n_params / 1e6:.2f}M params, {steps} steps x {samples_per_step} samples, "
               f"{describe(n_params, train)}, teacher: {pred.name if pred else 'none'}", flush=True)
-    loop_cfg = LoopConfig(stage=name, seed=spec.seed, steps=steps, seq_len=spec.data.seq_len,
-                          macs_per_step=macs["macs"], train=train, ifd=ifd, ds_config=ds_config,
-                          stage_dir=stage_dir, data_dir=data_dir, resume=resume)
-    result = train_stage(StudentWithIFD(student, head), teacher, loop_cfg)
+    loop_cfg = LoopConfig(stage=name, seed=spec.seed, steps=steps, family=family, spec=spec,
+                          tokens_per_sample=family.tokens_per_sample(spec), macs_per_step=macs["macs"],
+                          train=train, ifd=ifd, ds_config=ds_config, stage_dir=stage_dir, data_dir=data_dir,
+                          resume=resume)
+    result = train_stage(StudentWithIFD(family, student, heads), teacher, loop_cfg)
     if rank == 0:
         torch.save(result["probe_logits"], stage_dir / "probe_logits.pt")
-        checkpoint.export_hf(student, result["state"], data_dir / "tokenizer", stage_dir / "model")
+        family.export(student, result["state"], data_dir, stage_dir / "model")
         per_step_teacher = macs["teacher_macs"]
         manifest.update_stage(
             name, status="done", params=n_params, tokens=result["tokens"], steps=steps,

@@ -1,5 +1,17 @@
-"""Model families registered by name. A family module provides: load_config, build, forward_features,
-param_count, hidden_size, validate_chain."""
+"""Model families registered by name. The stage runner is generic; a family module provides:
+
+  validate_chain(spec)                         config-level checks before anything runs
+  prepare(spec, data_dir) -> data_dir          build/reuse the prepared data
+  model_config(spec, stage, data_dir)          the stage's model config
+  build(config, seed) -> model                 fresh init (the student's own init for growth)
+  config_of(model), feature_dims(config)       IFD feature streams and their widths
+  losses(model, batch) -> (task, [features])   the student's forward
+  features(model, batch) -> [features]         the teacher's forward
+  dataset(spec, data_dir, split)               `.batch(indices)` -> tuple of tensors, `len()`
+  tokens_per_sample(spec), stage_macs(student_cfg, teacher_cfg, spec, samples)
+  load_export(path), export(model, state, data_dir, out), probe(model, batch)
+Growth goes through the shared registry (compt_scale.grow) with the family's layout tables.
+"""
 from __future__ import annotations
 
 import importlib

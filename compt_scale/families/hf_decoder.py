@@ -75,20 +75,87 @@ def build(config: PretrainedConfig, seed: int) -> torch.nn.Module:
     return model.float()
 
 
-def forward_features(model, input_ids: torch.Tensor, labels: torch.Tensor):
-    """Returns (task loss, final hidden state [B, T, d]) in one forward pass.
+def losses(model, batch):
+    """(task loss, [final hidden state [B, T, d]]) in one forward pass.
 
-    `labels` are already shifted (next-token targets), so the loss is computed here rather than by
-    HF's internal shift, which would drop the last position of every packed sequence.
+    `batch` is (input_ids, labels) with labels already shifted (next-token targets), so the loss is
+    computed here rather than by HF's internal shift, which would drop the last position of every
+    packed sequence.
     """
+    input_ids, labels = batch
     out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
     logits = out.logits
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
-    return loss, out.hidden_states[-1]
+    return loss, [out.hidden_states[-1]]
+
+
+def features(model, batch):
+    """The teacher's side: the same final hidden state, without the LM head."""
+    return [model.base_model(input_ids=batch[0], use_cache=False).last_hidden_state]
+
+
+def feature_dims(config) -> list[int]:
+    return [hidden_size(config)]
+
+
+def config_of(model) -> PretrainedConfig:
+    return model.config
+
+
+# ---------------------------------------------------------------- data, budgets, export
+
+def prepare(spec, data_dir: Path) -> Path:
+    from ..data.packed import prepare_data
+    return prepare_data(spec.data, data_dir)
+
+
+def model_config(spec, stage, data_dir: Path) -> PretrainedConfig:
+    """The stage's model config with the prepared tokenizer's vocab and special tokens."""
+    from transformers import AutoTokenizer
+    meta = json.loads((data_dir / "meta.json").read_text())
+    tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
+    return load_config(stage.model, vocab_size=meta["vocab_size"], bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def dataset(spec, data_dir: Path, split: str):
+    """Samples addressed by index: `.batch(indices)` -> (input_ids, labels)."""
+    from ..data.packed import PackedTokens
+    return PackedTokens(data_dir, split, spec.data.seq_len)
+
+
+def tokens_per_sample(spec) -> int:
+    return spec.data.seq_len
+
+
+def stage_macs(student_config, teacher_config, spec, samples: int) -> dict:
+    from ..flops import stage_macs as decoder_stage_macs
+    return decoder_stage_macs(student_config, teacher_config, spec.data.seq_len, samples * spec.data.seq_len, 1)
+
+
+def load_export(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+
+
+def export(student, state: dict, data_dir: Path, out: Path) -> None:
+    """`save_pretrained` + tokenizer into a temp dir, then rename: loadable with no project code."""
+    from transformers import AutoTokenizer
+
+    from ..train.checkpoint import atomic_dir
+    with atomic_dir(out) as tmp:
+        student.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")).save_pretrained(str(tmp))
+
+
+def probe(model, batch) -> torch.Tensor:
+    """Logits on a fixed batch: tests compare the export against the trained engine with them."""
+    return model(input_ids=batch[0]).logits.float()
 
 
 def validate_chain(spec) -> None:
     """Config-level checks that need the family: presets exist, sizes grow, growth is possible."""
+    if spec.data.corpus not in ("stdlib", "files"):
+        raise CompTError(f"data.corpus: decoders train on 'stdlib' or 'files', got {spec.data.corpus!r}")
     vocab = spec.data.vocab_size
     prev = None
     for i, stage in enumerate(spec.stages):

@@ -10,6 +10,7 @@ import os
 import pickle
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -80,15 +81,15 @@ def gather_student_state(engine) -> dict | None:
             for k, v in full.items() if k.startswith("student.")}
 
 
-def export_hf(student, state: dict, tokenizer_dir: Path, out: Path) -> None:
-    """`save_pretrained` into a temp dir, then rename: loadable with no project code."""
-    from transformers import AutoTokenizer
-
+@contextmanager
+def atomic_dir(out: Path):
+    """Yield a temp dir next to `out`; on success it replaces `out` whole, on failure it vanishes."""
+    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
-        student.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp))
+        yield tmp
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     finally:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ..data.packed import PackedTokens, sample_indices
+from ..data.packed import sample_indices
 from ..errors import CompTError
 from . import checkpoint
 from .distributed import all_reduce_flags, all_reduce_mean, device
@@ -32,7 +32,9 @@ class LoopConfig:
     stage: str
     seed: int
     steps: int
-    seq_len: int
+    family: object                  # the family module: dataset, losses, features, probe
+    spec: object                    # ChainSpec (the family reads its data section)
+    tokens_per_sample: int
     macs_per_step: float            # student train + teacher forward, for the whole world batch
     train: object                   # TrainSpec
     ifd: object                     # IFDSpec
@@ -99,7 +101,11 @@ class MetricsLog:
             self.tb.close()
 
 
-def evaluate(module, val: PackedTokens, cfg: LoopConfig) -> float:
+def to_device(batch) -> tuple:
+    return tuple(v.to(device()) for v in batch)
+
+
+def evaluate(module, val, cfg: LoopConfig) -> float:
     rank, world = dist.get_rank(), dist.get_world_size()
     mb = cfg.train.micro_batch_size
     total, n = 0.0, 0
@@ -108,8 +114,7 @@ def evaluate(module, val: PackedTokens, cfg: LoopConfig) -> float:
         for b in range(cfg.train.eval_batches):
             # A fixed slice of the validation set, split over ranks: the same number every eval.
             idx = [(b * world * mb + rank * mb + j) % len(val) for j in range(mb)]
-            x, y = (t.to(device()) for t in val.batch(idx))
-            task, _ = module(x, y)
+            task, _ = module(to_device(val.batch(idx)))
             total += task.item()
             n += 1
     module.train()
@@ -119,9 +124,8 @@ def evaluate(module, val: PackedTokens, cfg: LoopConfig) -> float:
 def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None, cfg: LoopConfig) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     t = cfg.train
-    dev = device()
-    train_data = PackedTokens(cfg.data_dir, "train", cfg.seq_len)
-    val_data = PackedTokens(cfg.data_dir, "val", cfg.seq_len)
+    train_data = cfg.family.dataset(cfg.spec, cfg.data_dir, "train")
+    val_data = cfg.family.dataset(cfg.spec, cfg.data_dir, "val")
     ckpt_dir = cfg.stage_dir / "checkpoints"
     preempt = Preemption()
 
@@ -135,10 +139,11 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
         alpha = 0.0
         if teacher is not None and cfg.ifd.enabled:
             if cfg.ifd.alpha == "auto":
-                calib = [train_data.batch(sample_indices(len(train_data), cfg.seed, 0, m, 1, t.micro_batch_size, 0, 1))
+                # The same batches on every rank, so all ranks agree on alpha without communication.
+                calib = [to_device(train_data.batch(sample_indices(len(train_data), cfg.seed, 0, m, 1,
+                                                                   t.micro_batch_size, 0, 1)))
                          for m in range(cfg.ifd.calib_batches)]
-                alpha = calibrate_alpha(engine.module, teacher, [(x.to(dev), y.to(dev)) for x, y in calib],
-                                        cfg.ifd.ratio)
+                alpha = calibrate_alpha(engine.module, teacher, calib, cfg.ifd.ratio)
             else:
                 alpha = float(cfg.ifd.alpha)
         loop = {"step": 0, "alpha": alpha}
@@ -147,7 +152,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
         resumed_from = loop["step"]
     alpha = loop["alpha"]
     log = MetricsLog(cfg.stage_dir, resumed_from)
-    tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.seq_len
+    tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.tokens_per_sample
     start = loop["step"]
     preempted = False
     # A context manager, so the bar is closed before an error line is printed, never after it.
@@ -157,9 +162,9 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
             task_sum = ifd_sum = 0.0
             for micro in range(t.grad_accum):
                 idx = sample_indices(len(train_data), cfg.seed, step, micro, t.grad_accum, t.micro_batch_size, rank, world)
-                x, y = (v.to(dev) for v in train_data.batch(idx))
-                feats = teacher.features(x) if (teacher is not None and alpha > 0) else None
-                task, ifd = engine(x, y, feats, alpha)
+                batch = to_device(train_data.batch(idx))
+                feats = teacher.features(batch) if (teacher is not None and alpha > 0) else None
+                task, ifd = engine(batch, feats, alpha)
                 loss = task + ifd
                 engine.backward(loss)
                 engine.step()
@@ -194,17 +199,16 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     log.close()
     if start < cfg.steps:  # a finished run resumed again has nothing new to checkpoint
         checkpoint.save(engine, ckpt_dir, cfg.steps, {"step": cfg.steps, "alpha": alpha})
-    probe = probe_logits(engine, val_data)
+    probe = probe_outputs(engine, val_data, cfg.family)
     state = checkpoint.gather_student_state(engine)
     return {"final_val_loss": final_val, "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
             "alpha": alpha, "state": state, "probe_logits": probe, "seconds": time.time() - t0}
 
 
-def probe_logits(engine, val: PackedTokens) -> torch.Tensor | None:
-    """Logits of the trained engine on a fixed batch, kept so tests can check the export against it."""
-    x, _ = val.batch([0, 1])
+def probe_outputs(engine, val, family) -> torch.Tensor | None:
+    """The trained engine's outputs on a fixed batch, kept so tests can check the export against it."""
     engine.eval()
     with torch.no_grad():
-        logits = engine.module.student(input_ids=x.to(device())).logits.float().cpu()
+        out = family.probe(engine.module.student, to_device(val.batch([0, 1]))).cpu()
     engine.train()
-    return logits if dist.get_rank() == 0 else None
+    return out if dist.get_rank() == 0 else None

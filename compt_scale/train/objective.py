@@ -11,37 +11,40 @@ import torch
 from torch import nn
 
 from ..errors import CompTError
-from ..families import hf_decoder
 
 
 class StudentWithIFD(nn.Module):
-    def __init__(self, student: nn.Module, ifd_head: nn.Module | None):
-        super().__init__()
-        self.student = student
-        self.ifd = ifd_head
+    """The student plus one projection T per feature stream (decoders: the final hidden state; CLIP:
+    image and text embeddings). L_IFD is the mean over streams, as the paper averages CLIP's two."""
 
-    def forward(self, input_ids, labels, teacher_hidden=None, alpha: float = 0.0):
-        task, hidden = hf_decoder.forward_features(self.student, input_ids, labels)
-        if self.ifd is None or teacher_hidden is None:
+    def __init__(self, family, student: nn.Module, ifd_heads: list[nn.Module] | None):
+        super().__init__()
+        self.family = family
+        self.student = student
+        self.ifd = nn.ModuleList(ifd_heads) if ifd_heads else None
+
+    def forward(self, batch, teacher_features=None, alpha: float = 0.0):
+        task, features = self.family.losses(self.student, batch)
+        if self.ifd is None or teacher_features is None:
             return task, torch.zeros((), device=task.device)
-        # T runs inside the IFD head's own forward so ZeRO-3 gathers its weight for the kernel.
-        ifd = self.ifd(hidden, teacher_hidden, alpha=alpha)
-        return task, ifd
+        # Each T runs inside its own module's forward so ZeRO-3 gathers its weight for the kernel.
+        terms = [head(f_s, f_t, alpha=alpha) for head, f_s, f_t in zip(self.ifd, features, teacher_features)]
+        return task, sum(terms) / len(terms)
 
 
 class FrozenTeacher:
     """The predecessor's export, used only for its features."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device):
+    def __init__(self, family, model: nn.Module, dtype: torch.dtype, device: torch.device):
+        self.family = family
         self.model = model.to(device=device, dtype=dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.config = model.config
+        self.config = family.config_of(model)
 
     @torch.no_grad()
-    def features(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
-        return out.hidden_states[-1]
+    def features(self, batch) -> list[torch.Tensor]:
+        return self.family.features(self.model, batch)
 
 
 def calibrate_alpha(module: StudentWithIFD, teacher: FrozenTeacher, batches, ratio: float) -> float:
@@ -52,8 +55,8 @@ def calibrate_alpha(module: StudentWithIFD, teacher: FrozenTeacher, batches, rat
     """
     task_sum, ifd_sum = 0.0, 0.0
     with torch.no_grad():
-        for input_ids, labels in batches:
-            task, ifd = module(input_ids, labels, teacher.features(input_ids), alpha=1.0)
+        for batch in batches:
+            task, ifd = module(batch, teacher.features(batch), alpha=1.0)
             task_sum += float(task)
             ifd_sum += float(ifd)
     if not math.isfinite(task_sum) or not math.isfinite(ifd_sum):
