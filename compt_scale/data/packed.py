@@ -25,6 +25,9 @@ from ..errors import CompTError
 from .corpus import load_splits
 
 
+TEXT_KEYS = ("corpus", "paths", "text_field", "tokenizer", "vocab_size", "seq_len", "val_fraction", "max_chars")
+
+
 def _train_sentencepiece(texts, vocab_size: int, work: Path):
     import sentencepiece as spm
     from transformers import LlamaTokenizer
@@ -66,14 +69,14 @@ def prepare_data(data, out: Path) -> Path:
     """Build (or reuse) the prepared data dir for a DataSpec. Safe to call from every rank."""
     out = Path(out)
     meta_p = out / "meta.json"
-    spec_d = dataclasses.asdict(data)
-    spec_d.pop("cache_dir", None)
+    # Only what shapes the token stream: a new unrelated DataSpec field must not invalidate caches.
+    spec_d = {k: v for k, v in dataclasses.asdict(data).items() if k in TEXT_KEYS}
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if meta_p.is_file():
             meta = json.loads(meta_p.read_text())
-            if meta["spec"] != spec_d:
+            if {k: meta["spec"].get(k) for k in TEXT_KEYS} != spec_d:
                 raise CompTError(f"data cache {out} was built from a different data spec; remove it or "
                                  "set data.cache_dir elsewhere")
             return out
