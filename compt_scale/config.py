@@ -256,7 +256,7 @@ def _validate_section(obj, where: str) -> None:
         if not 0 < obj.val_fraction < 0.5:
             raise CompTError(f"data.val_fraction: must be in (0, 0.5), got {obj.val_fraction}")
         if obj.max_chars <= 0:
-            raise CompTError(f"data.max_chars: must be positive")
+            raise CompTError("data.max_chars: must be positive")
 
 
 def _resolve_path(p: str, base: Path) -> str:

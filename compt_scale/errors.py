@@ -7,3 +7,22 @@ class CompTError(Exception):
 
 def fail(msg: str) -> "CompTError":
     return CompTError(msg)
+
+
+def read_json(path, what: str = "file") -> dict:
+    """A JSON object from disk, or one CompTError line naming the file and the problem."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise CompTError(f"{what} not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CompTError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise CompTError(f"{p}: not a text file") from None
+    if not isinstance(data, dict):
+        raise CompTError(f"{p}: top level must be a JSON object")
+    return data

@@ -27,12 +27,10 @@ ATTN_RECOMPUTE x attention-forward to C_b. With eager attention (probabilities s
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 
-from .errors import CompTError
+from .errors import CompTError, read_json
 
 ADAMW_UPDATE_MACS_PER_PARAM = 3
 ATTN_RECOMPUTE = 0.5  # extra backward MACs of fused SDPA, as a fraction of attention's forward MACs
@@ -114,13 +112,7 @@ def load_clip_config(model) -> dict:
     if isinstance(model, dict):
         cfg = model
     elif str(model).endswith(".json"):
-        p = Path(model)
-        if not p.is_file():
-            raise CompTError(f"CLIP model config not found: {p}")
-        try:
-            cfg = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise CompTError(f"{p}: invalid JSON: {e.msg} at line {e.lineno}") from None
+        cfg = read_json(model, "CLIP model config")
     else:
         import open_clip
         cfg = open_clip.get_model_config(str(model))

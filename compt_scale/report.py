@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from .errors import CompTError
+from .errors import CompTError, read_json
 from .flops import human
 
 PLOTS = {"loss": "loss_vs_macs.png", "val": "val_loss_vs_macs.png", "cost": "stage_cost.png"}
@@ -25,10 +25,7 @@ def _read_manifest(out_dir: Path) -> dict:
     path = out_dir / "manifest.json"
     if not path.is_file():
         raise CompTError(f"{out_dir}: no manifest.json (not a chain output directory)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CompTError(f"{path}: invalid JSON: {e.msg} at line {e.lineno}") from None
+    data = read_json(path)
     if not isinstance(data.get("stages"), dict):
         raise CompTError(f"{path}: no 'stages' mapping")
     return data

@@ -1,7 +1,6 @@
 """`demo`, `chain` and `stage` subcommands."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from ..config import load_chain

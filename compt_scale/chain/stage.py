@@ -78,7 +78,6 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     from ..grow import grow_state
     from ..kernels import IFDProjection
     from ..launch.ds_presets import build_ds_config, describe
-    from ..train import checkpoint
     from ..train.loop import LoopConfig, train_stage
     from ..train.objective import FrozenTeacher, StudentWithIFD
 

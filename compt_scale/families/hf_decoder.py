@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from ..errors import CompTError
+from ..errors import CompTError, read_json
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 
@@ -31,12 +31,7 @@ def load_config(model: str, vocab_size: int | None = None, **overrides) -> Pretr
         if not path.is_file():
             raise CompTError(f"model {model!r}: no such preset (presets: {', '.join(preset_names())}) "
                              "and not a config.json path")
-    if not path.is_file():
-        raise CompTError(f"model config not found: {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CompTError(f"{path}: invalid JSON: {e.msg} at line {e.lineno}") from None
+    raw = read_json(path, "model config")
     model_type = raw.pop("model_type", None)
     if model_type is None:
         raise CompTError(f"{path}: config has no model_type")

@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import CompTError
+from ..errors import CompTError, read_json
 
 # Repo-root ds_configs/ (the package is installed editable); COMPT_DS_CONFIGS overrides for installs
 # that ship the presets elsewhere.
@@ -79,16 +79,10 @@ def load_preset(name: str) -> dict:
 
 
 def _load_json(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise CompTError(f"train.ds_config: file not found: {p}")
     try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CompTError(f"train.ds_config: {p}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(cfg, dict):
-        raise CompTError(f"train.ds_config: {p}: top level must be a JSON object")
-    return cfg
+        return read_json(path, "file")
+    except CompTError as e:
+        raise CompTError(f"train.ds_config: {e}") from None
 
 
 def _set(section: dict, key: str, value: Any, where: str) -> None:
