@@ -15,7 +15,10 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import REPO, run_cli, write_spec
-from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+
+# The cluster and the preemption reference are session fixtures: registered once as a plugin (not
+# imported per module, which would start one per module).
+pytest_plugins = ["slurm_cluster"]
 
 from compt_scale.chain.manifest import Manifest
 from compt_scale.launch.hostlist import expand
@@ -155,3 +158,60 @@ def test_torchrun_wrapper_forwards_usr1_to_every_worker_and_keeps_99(tmp_path):
     assert p.returncode == PREEMPTED, out[-3000:]
     assert (tmp_path / "usr1-0").exists() and (tmp_path / "usr1-1").exists(), out[-3000:]
     assert (tmp_path / "exit" / "node-0").read_text().strip() == "99"
+
+
+FAKE_SLURM = {
+    "sbatch": """#!/bin/sh
+n=$(cat "$FAKE/next"); echo $((n + 1)) > "$FAKE/next"
+echo "sbatch $*" >> "$FAKE/calls"; echo "$n;cluster"
+""",
+    "scancel": """#!/bin/sh
+echo "scancel $*" >> "$FAKE/calls"
+""",
+    "scontrol": """#!/bin/sh
+line=$(grep "^$4 " "$FAKE/jobs" | cut -d' ' -f2-) || exit 1
+[ -n "$line" ] || { echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; }
+echo "JobId=$4 $line"
+""",
+}
+
+
+def test_resubmission_skips_done_keeps_queued_and_replaces_stale_jobs(tmp_path, monkeypatch):
+    """Re-running `--submit` against fake sbatch/scontrol/scancel (the logic, not SLURM itself)."""
+    from compt_scale.config import load_chain
+    from compt_scale.launch.slurm import SlurmOptions, submit, write_scripts
+    for name, text in FAKE_SLURM.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE", str(tmp_path))
+    (tmp_path / "next").write_text("100\n")
+    stages = [{"name": f"s{i}", "model": m, "tokens": 1280} for i, m in enumerate(["llama-xs", "llama-s", "llama-m", "llama-l"], 1)]
+    spec = load_chain(write_spec(tmp_path / "c.yaml", stages))
+    out = tmp_path / "out"
+    scripts = write_scripts(spec, out, SlurmOptions())
+    m = Manifest(out)
+
+    # s1 done; s2 failed (job 11); s3 never startable (12); s4 waiting on 12 (13).
+    m.update_stage("s1", status="done", job_id="10")
+    m.update_stage("s2", status="failed", job_id="11", error="boom")
+    m.update_stage("s3", status="submitted", job_id="12")
+    m.update_stage("s4", status="submitted", job_id="13")
+    (tmp_path / "jobs").write_text("11 JobState=FAILED Reason=NonZeroExitCode\n"
+                                   "12 JobState=PENDING Reason=DependencyNeverSatisfied\n"
+                                   "13 JobState=PENDING Reason=Dependency\n")
+    jobs = submit(spec, out, scripts, log=lambda *a: None)
+    assert jobs == {"s1": None, "s2": "100", "s3": "101", "s4": "102"}
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0] == f"sbatch --parsable {scripts['s2']}"                       # s1 done: no dependency
+    assert f"sbatch --parsable --dependency=afterok:100 {scripts['s3']}" in calls
+    assert "scancel 12" in calls and "scancel 13" in calls                        # stale jobs cleared
+    assert calls[-1] == f"sbatch --parsable --dependency=afterok:101 {scripts['s4']}"
+    assert m.stage("s2")["status"] == "submitted" and m.stage("s2")["error"] is None
+
+    # Second run while s2 runs and s3/s4 wait: everything is kept, nothing submitted.
+    (tmp_path / "calls").write_text("")
+    (tmp_path / "jobs").write_text("100 JobState=RUNNING Reason=None\n101 JobState=PENDING Reason=Dependency\n"
+                                   "102 JobState=PENDING Reason=Dependency\n")
+    assert submit(spec, out, scripts, log=lambda *a: None) == {"s1": None, "s2": "100", "s3": "101", "s4": "102"}
+    assert (tmp_path / "calls").read_text() == ""

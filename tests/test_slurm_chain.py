@@ -11,8 +11,11 @@ from datetime import datetime
 from pathlib import Path
 
 from conftest import run_cli, write_spec
-from slurm_cluster import (PREEMPT_STEPS, last_step, preempt_reference, read_metrics,  # noqa: F401
-                           slurm_cluster, train_losses)
+from slurm_cluster import last_step, read_metrics, train_losses
+
+# The cluster and the preemption reference are session fixtures: registered once as a plugin (not
+# imported per module, which would start one per module).
+pytest_plugins = ["slurm_cluster"]
 
 from compt_scale.chain.manifest import Manifest
 

@@ -7,7 +7,8 @@ requeues). Job ids are recorded in <out>/manifest.json (status "submitted", job_
 Re-running the submitter is safe: a stage whose manifest status is "done" is skipped (its successor
 gets no dependency), a stage whose job is still queued or running is kept (its successor depends on
 that job), and anything else (failed, never started because a predecessor failed, job vanished) is
-submitted again, after cancelling a leftover job that could never start.
+submitted again, after cancelling a leftover job that could never start. Once one stage is submitted
+anew, every later stage is too (an old job would wait on the replaced one).
 """
 from __future__ import annotations
 
@@ -172,6 +173,7 @@ def submit(spec, out: Path, scripts: dict[str, Path], log=print) -> dict[str, st
     m.init(spec)
     jobs: dict[str, str | None] = {}
     prev = None
+    resubmitted = False   # once a chain stage is (re)submitted, later ones must follow the new job
     for name in scripts:
         chain = spec.is_chain_stage(name)
         rec = m.stage(name)
@@ -181,13 +183,15 @@ def submit(spec, out: Path, scripts: dict[str, Path], log=print) -> dict[str, st
             prev = None if chain else prev
             continue
         info = job_info(rec.get("job_id")) if rec.get("status") in ("submitted", "running", "preempted") else None
-        if _alive(info):
+        if _alive(info) and not (chain and resubmitted):
             log(f"{name}: job {rec['job_id']} already {info['JobState'].lower()}, kept")
             jobs[name] = rec["job_id"]
             prev = rec["job_id"] if chain else prev
             continue
-        if info and info.get("JobState") in ACTIVE_STATES:   # pending forever: clear it away
+        if info and info.get("JobState") in ACTIVE_STATES:
+            # Pending forever (its dependency failed), or waiting on a job replaced above: clear it.
             _slurm("scancel", str(rec["job_id"]))
+            log(f"{name}: cancelled stale job {rec['job_id']}")
         cmd = ["sbatch", "--parsable"]
         if chain and prev:
             cmd.append(f"--dependency=afterok:{prev}")
@@ -201,6 +205,7 @@ def submit(spec, out: Path, scripts: dict[str, Path], log=print) -> dict[str, st
         log(f"{name}: submitted job {job}{after}")
         jobs[name] = job
         prev = job if chain else prev
+        resubmitted = resubmitted or chain
     return jobs
 
 
