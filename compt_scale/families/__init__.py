@@ -18,7 +18,8 @@ import importlib
 
 from ..errors import CompTError
 
-FAMILIES = {"hf_decoder": "compt_scale.families.hf_decoder"}
+FAMILIES = {"hf_decoder": "compt_scale.families.hf_decoder",
+            "open_clip": "compt_scale.families.clip_family"}
 
 
 def get_family(name: str):

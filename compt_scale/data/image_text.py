@@ -1,0 +1,263 @@
+"""Image-caption pairs for the open_clip family: rendered synthetic scenes or a user's CSV, prepared once.
+
+Layout of the prepared data dir (built in a temp dir and renamed into place under a lock, as in
+data/packed.py, so concurrent ranks or jobs never see half of it):
+  {split}_images.u8     uint8 memmap [N, 3, S, S] (S = data.image_size), RGB
+  {split}_tokens.i32    int32 memmap [N, context_length]: open_clip SimpleTokenizer ids (vocab 49408)
+  {split}_captions.txt  one caption per line, for people and tests
+  meta.json             sizes, normalization, the DataSpec (+ context_length) that built it
+Sample i of a split is images[i], tokens[i]: an index fully determines the pair, so the runner's
+stateless sampler (data.packed.sample_indices) works unchanged.
+
+`corpus: shapes` draws 1-3 coloured shapes per image on a 3x3 grid and describes them, e.g. "a small
+red circle at the top left and a large blue star in the center". Scene i depends only on i (its own
+seeded RNG), so the data is the same on every machine and for any num_samples.
+`corpus: files` reads CSV/TSV files in open_clip's CsvDataset convention (an image-path column and a
+caption column) with `datasets`; images are resized (shortest side, bicubic) and centre-cropped exactly
+as open_clip's own eval transform does, so an export's `preprocess_val` sees what training saw.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..errors import CompTError
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)   # open_clip's OPENAI_DATASET_MEAN / STD: what its
+STD = (0.26862954, 0.26130258, 0.27577711)   # default preprocess (and an export's) normalizes with
+SCENE_SEED = 1234
+
+# Palette chosen so any two colours differ by >= 90 in some channel: a pixel's nearest palette entry
+# names its colour unambiguously (tests read captions back from pixels this way).
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 90, 230), "yellow": (240, 220, 40),
+          "purple": (150, 50, 210), "orange": (250, 140, 20), "white": (245, 245, 245)}
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES = {"small": 0.10, "large": 0.15}        # outer radius as a fraction of the image side
+ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
+SUPERSAMPLE = 4                               # draw large, box-downsample: anti-aliased edges
+
+
+def position_phrase(row: int, col: int) -> str:
+    if row == 1:
+        return "in the center" if col == 1 else f"on the {COLS[col]}"
+    return f"at the {ROWS[row]}" + ("" if col == 1 else f" {COLS[col]}")
+
+
+def cell_of_phrase(phrase: str) -> tuple[int, int]:
+    """Inverse of position_phrase (tests parse captions back into grid cells)."""
+    for r in range(3):
+        for c in range(3):
+            if position_phrase(r, c) == phrase:
+                return r, c
+    raise ValueError(f"not a position phrase: {phrase!r}")
+
+
+def scene(index: int) -> list[dict]:
+    """The objects of scene `index`: shape, color, size word, grid cell and centre (fractions of S)."""
+    rng = random.Random(SCENE_SEED * 1_000_003 + index)
+    objects = []
+    for cell in rng.sample(range(9), rng.randint(1, 3)):  # distinct cells: shapes never overlap
+        row, col = divmod(cell, 3)
+        size = rng.choice(list(SIZES))
+        r = SIZES[size]
+        # Jitter stays a quarter of the slack inside the cell, so the cell centre is always inside
+        # the shape (even a star's inner core): a caption's cell names a pixel of the shape.
+        slack = (1 / 6 - r) * 0.25
+        cx = (col + 0.5) / 3 + rng.uniform(-slack, slack)
+        cy = (row + 0.5) / 3 + rng.uniform(-slack, slack)
+        objects.append({"shape": rng.choice(SHAPES), "color": rng.choice(list(COLORS)), "size": size,
+                        "row": row, "col": col, "cx": cx, "cy": cy, "r": r})
+    return objects
+
+
+def caption(objects: list[dict]) -> str:
+    parts = [f"a {o['size']} {o['color']} {o['shape']} {position_phrase(o['row'], o['col'])}" for o in objects]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":  # equilateral, pointing up, centroid at the centre
+        return [(cx + r * math.sin(a), cy - r * math.cos(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
+    # star: 5 points, inner radius 0.5 r
+    return [(cx + (r if k % 2 == 0 else 0.5 * r) * math.sin(k * math.pi / 5),
+             cy - (r if k % 2 == 0 else 0.5 * r) * math.cos(k * math.pi / 5)) for k in range(10)]
+
+
+def render(objects: list[dict], size: int, background: int) -> Image.Image:
+    big = size * SUPERSAMPLE
+    img = Image.new("RGB", (big, big), (background,) * 3)
+    draw = ImageDraw.Draw(img)
+    for o in objects:
+        cx, cy, r, fill = o["cx"] * big, o["cy"] * big, o["r"] * big, COLORS[o["color"]]
+        if o["shape"] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif o["shape"] == "square":
+            h = 0.85 * r  # about a circle's area
+            draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+        else:
+            draw.polygon(_polygon(o["shape"], cx, cy, r), fill=fill)
+    return img.resize((size, size), Image.Resampling.BOX)
+
+
+def shapes_sample(index: int, size: int) -> tuple[np.ndarray, str]:
+    objects = scene(index)
+    background = random.Random(SCENE_SEED + 7 * index).randint(10, 70)  # dark grays, never a palette colour
+    return np.asarray(render(objects, size, background)).transpose(2, 0, 1), caption(objects)
+
+
+def val_count(n: int, fraction: float) -> int:
+    # At least 64 (or a quarter) held out: eval batches are contrastive, and indices wrap around a
+    # tiny val split, which would put the same pair twice in one batch.
+    return max(math.ceil(n * fraction), min(64, n // 4))
+
+
+# ---------------------------------------------------------------- CSV files
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """open_clip's eval transform: resize the shortest side to `size` (bicubic), centre crop."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        # torchvision's Resize(int): the long side is truncated, not rounded
+        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+        im = im.crop((left, top, left + size, top + size))
+        return np.asarray(im).transpose(2, 0, 1)
+
+
+def _read_csvs(data, cache: Path) -> list[tuple[Path, str]]:
+    from datasets import load_dataset
+    rows = []
+    for p in map(Path, data.paths):
+        sep = "\t" if p.suffix == ".tsv" or "\t" in p.open(errors="replace").readline() else ","
+        try:
+            ds = load_dataset("csv", data_files=str(p), delimiter=sep, split="train", cache_dir=str(cache))
+        except Exception as e:  # datasets/pyarrow raise many types for malformed files
+            raise CompTError(f"data.paths: cannot read {p} as CSV: {str(e).splitlines()[0][:200]}") from None
+        for field, col in (("image_field", data.image_field), ("text_field", data.text_field)):
+            if col not in ds.column_names:
+                raise CompTError(f"data.{field}: column {col!r} not in {p} (columns: {', '.join(ds.column_names)})")
+        for img, txt in zip(ds[data.image_field], ds[data.text_field]):
+            q = Path(str(img)).expanduser()
+            # Paths relative to the CSV's own folder first (a dataset moved as a whole keeps
+            # working), then to the working directory as open_clip's CsvDataset reads them.
+            if not q.is_absolute() and (p.parent / q).exists():
+                q = p.parent / q
+            rows.append((q, "" if txt is None else str(txt)))
+    return rows
+
+
+# ---------------------------------------------------------------- preparation
+
+def _write_split(tmp: Path, split: str, items, n: int, size: int, tokenizer, ctx: int, load) -> None:
+    imgs = np.memmap(tmp / f"{split}_images.u8", dtype=np.uint8, mode="w+", shape=(n, 3, size, size))
+    toks = np.memmap(tmp / f"{split}_tokens.i32", dtype=np.int32, mode="w+", shape=(n, ctx))
+    with open(tmp / f"{split}_captions.txt", "w") as f:
+        for start in range(0, n, 256):
+            chunk = items[start:start + 256]
+            caps = []
+            for j, item in enumerate(chunk):
+                imgs[start + j], cap = load(item)
+                caps.append(" ".join(cap.split()))  # one line per caption
+            toks[start:start + len(chunk)] = tokenizer(caps).numpy().astype(np.int32)
+            f.write("".join(c + "\n" for c in caps))
+    imgs.flush()
+    toks.flush()
+    del imgs, toks
+
+
+def prepare_image_text(data, context_length: int, out: Path) -> Path:
+    """Build (or reuse) the prepared image-text dir for a DataSpec. Safe to call from every rank."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    out = Path(out)
+    spec_d = dataclasses.asdict(data)
+    spec_d.pop("cache_dir", None)
+    spec_d["context_length"] = context_length
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta_p = out / "meta.json"
+        if meta_p.is_file():
+            if json.loads(meta_p.read_text()).get("spec") != spec_d:
+                raise CompTError(f"data cache {out} was built from a different data spec; remove it or "
+                                 "set data.cache_dir elsewhere")
+            return out
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            size = data.image_size
+            tokenizer = SimpleTokenizer(context_length=context_length)
+            if data.corpus == "shapes":
+                n = data.num_samples
+                n_val = val_count(n, data.val_fraction)
+                splits = {"train": list(range(n - n_val)), "val": list(range(n - n_val, n))}
+
+                def load(i):
+                    return shapes_sample(i, size)
+            elif data.corpus == "files":
+                rows = _read_csvs(data, tmp / "hf-cache")
+                n = len(rows)
+                n_val = val_count(n, data.val_fraction)
+                order = np.random.default_rng(0).permutation(n)  # CSVs are often sorted: shuffle the split
+                splits = {"val": [rows[i] for i in sorted(order[:n_val])],
+                          "train": [rows[i] for i in sorted(order[n_val:])]}
+
+                def load(row):
+                    try:
+                        return load_image(row[0], size), row[1]
+                    except (OSError, ValueError) as e:
+                        raise CompTError(f"data.paths: cannot read image {row[0]}: {e}") from None
+            else:
+                raise CompTError(f"data.corpus: open_clip trains on 'shapes' or 'files', got {data.corpus!r}")
+            if n < 8 or n - n_val < 2:
+                raise CompTError(f"data: only {n} image-caption pairs; need at least 8")
+            counts = {}
+            for split, items in splits.items():
+                _write_split(tmp, split, items, len(items), size, tokenizer, context_length, load)
+                counts[split] = len(items)
+            shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
+            (tmp / "meta.json").write_text(json.dumps(
+                {"kind": "image_text", "samples": counts, "image_size": size, "context_length": context_length,
+                 "tokenizer": "open_clip SimpleTokenizer", "vocab_size": tokenizer.vocab_size,
+                 "mean": MEAN, "std": STD, "spec": spec_d}, indent=2))
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+class ImageText:
+    """Pairs of a prepared split: `.batch(indices)` -> (images [B,3,S,S] float normalized, tokens [B,L])."""
+
+    def __init__(self, data_dir: Path, split: str):
+        d = Path(data_dir)
+        meta = json.loads((d / "meta.json").read_text())
+        n, s, ctx = meta["samples"][split], meta["image_size"], meta["context_length"]
+        self.images = np.memmap(d / f"{split}_images.u8", dtype=np.uint8, mode="r", shape=(n, 3, s, s))
+        self.tokens = np.memmap(d / f"{split}_tokens.i32", dtype=np.int32, mode="r", shape=(n, ctx))
+        self.mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
+        self.std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(list(indices), dtype=np.int64)
+        images = torch.from_numpy(np.ascontiguousarray(self.images[idx])).float().div_(255)
+        tokens = torch.from_numpy(np.ascontiguousarray(self.tokens[idx])).long()
+        return (images - self.mean) / self.std, tokens
