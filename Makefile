@@ -5,6 +5,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # torch is pinned: these wheels are on this machine's disk; any other version downloads GBs.
 TORCH   := torch==2.14.1 torchvision==0.29.1
+# DeepSpeed's JIT-built CPU ops are cached per checkout (see tests/conftest.py).
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: demo test setup slurm-deps clean bench
 

@@ -10,6 +10,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# DeepSpeed JIT-builds a small CPU comm op on first use; a cache per checkout keeps checkouts with
+# different torch builds from rebuilding each other's copy in every stage process.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
 TINY_DATA = {"vocab_size": 512, "seq_len": 32, "max_chars": 300_000}
 TINY_TRAIN = {"micro_batch_size": 4, "eval_every": 5, "eval_batches": 2, "save_every": 5, "log_every": 1,
               "warmup_steps": 2, "lr": 3.0e-3}

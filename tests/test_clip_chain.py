@@ -14,12 +14,11 @@ import yaml
 from PIL import Image
 
 from compt_scale.data.image_text import ImageText
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 # One thread per rank: on a shared 2-core machine OpenMP's spinning threads make small ops ~20x
-# slower under contention. A per-venv extensions dir: several checkouts sharing ~/.cache make
-# DeepSpeed re-JIT its shm comm op (~1 min) in every stage process.
-ENV = {"OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".venv" / "torch_extensions")}
+# slower under contention.
+ENV = {"OMP_NUM_THREADS": "1"}
 TRAIN = {"micro_batch_size": 16, "eval_every": 4, "eval_batches": 2, "save_every": 4, "log_every": 1,
          "warmup_steps": 2, "lr": 3.0e-3}
 

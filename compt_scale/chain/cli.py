@@ -34,10 +34,7 @@ def _chain(spec_path: Path, out: Path, resume: bool, nproc=None, baselines=True)
     from .runner import run_chain
     spec = load_chain(spec_path)
     run_chain(spec, spec_path, out, resume=resume, include_baselines=baselines, nproc=nproc)
-    try:
-        from ..report import report_table, write_report
-    except ImportError:
-        return 0
+    from ..report import report_table, write_report
     print(report_table(out))
     print(f"report: {write_report(out)}")
     return 0

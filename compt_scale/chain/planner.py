@@ -10,23 +10,27 @@ from __future__ import annotations
 import math
 
 from ..errors import CompTError
-from ..flops import human, stage_macs
+from ..families import get_family
+from ..flops import human
 
 TARGET_TOLERANCE = 0.05  # how far (relative) step rounding may move the predicted speedup off target
 
 
 def _config(spec, stage):
-    from ..families.hf_decoder import load_config
     cache = spec.__dict__.setdefault("_planner_configs", {})  # presets are parsed once per spec
     if stage.model not in cache:
-        cache[stage.model] = load_config(stage.model, vocab_size=spec.data.vocab_size)
+        cache[stage.model] = get_family(spec.family).plan_config(spec, stage)
     return cache[stage.model]
 
 
-def tokens_per_step(spec, stage) -> int:
-    """Tokens consumed by one optimizer step (micro batch x grad accum x seq len x data-parallel ranks)."""
+def _samples_per_step(spec, stage) -> int:
     t = spec.train_for(stage)
-    return t.micro_batch_size * t.grad_accum * spec.data.seq_len * spec.nproc
+    return t.micro_batch_size * t.grad_accum * spec.nproc
+
+
+def tokens_per_step(spec, stage) -> int:
+    """Budget units (decoders: tokens; CLIP: image-caption pairs) consumed by one optimizer step."""
+    return _samples_per_step(spec, stage) * get_family(spec.family).tokens_per_sample(spec)
 
 
 def steps_for(spec, stage, tokens: int) -> int:
@@ -36,7 +40,10 @@ def steps_for(spec, stage, tokens: int) -> int:
 def stage_cost(spec, stage, tokens: int, teacher=None) -> dict:
     """stage_macs for `stage` trained on `tokens` (teacher: the predecessor StageSpec, or None)."""
     t_cfg = _config(spec, teacher) if teacher is not None else None
-    return stage_macs(_config(spec, stage), t_cfg, spec.data.seq_len, tokens, steps_for(spec, stage, tokens))
+    # The family's per-step cost (the stage runner's own accounting) times the number of steps.
+    per_step = get_family(spec.family).stage_macs(_config(spec, stage), t_cfg, spec, _samples_per_step(spec, stage))
+    steps = steps_for(spec, stage, tokens)
+    return {k: v * steps for k, v in per_step.items() if k in ("train_macs", "teacher_macs", "macs")}
 
 
 def teacher_of(spec, i: int):
@@ -119,7 +126,7 @@ def plan_rows(spec) -> list[dict]:
     train_macs, teacher_macs, macs, accumulated_macs, warnings. Baseline rows: the same without ratio
     and teacher (teacher_macs 0, accumulated_macs None).
     """
-    from ..families.hf_decoder import param_count
+    param_count = get_family(spec.family).param_count
 
     if spec.budget is not None and any(st.tokens is None for st in spec.stages):
         fill_budgets(spec)
@@ -184,7 +191,8 @@ def format_plan(spec) -> str:
     s = plan_summary(spec, rows)
     head = f"{'stage':<14}{'model':<16}{'params':>10}{'ratio':>8}{'tokens':>14}{'steps':>8}" \
            f"{'train MACs':>12}{'teacher':>10}{'MACs':>10}{'accum.':>10}"
-    lines = [f"chain {spec.name!r}: {len(spec.stages)} stages, seq_len {spec.data.seq_len}", head, "-" * len(head)]
+    unit = f"seq_len {spec.data.seq_len}" if spec.family == "hf_decoder" else "budgets in image-caption pairs"
+    lines = [f"chain {spec.name!r}: {len(spec.stages)} stages, {unit}", head, "-" * len(head)]
     for r in rows:
         if r["kind"] == "baseline" and lines[-1] != "-- independent baselines":
             lines.append("-- independent baselines")

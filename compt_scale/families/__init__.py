@@ -3,6 +3,7 @@
   validate_chain(spec)                         config-level checks before anything runs
   prepare(spec, data_dir) -> data_dir          build/reuse the prepared data
   model_config(spec, stage, data_dir)          the stage's model config
+  plan_config(spec, stage), param_count(cfg)   the same before any data exists (the planner)
   build(config, seed) -> model                 fresh init (the student's own init for growth)
   config_of(model), feature_dims(config)       IFD feature streams and their widths
   losses(model, batch) -> (task, [features])   the student's forward

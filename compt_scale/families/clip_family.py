@@ -173,6 +173,11 @@ def prepare(spec, data_dir: Path) -> Path:
     return prepare_image_text(spec.data, context_length(spec), data_dir)
 
 
+def plan_config(spec, stage) -> dict:
+    """The stage's config before any data exists (the planner's view)."""
+    return load_config(stage.model)
+
+
 def model_config(spec, stage, data_dir: Path) -> dict:
     return load_config(stage.model)
 

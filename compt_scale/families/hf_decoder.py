@@ -104,6 +104,11 @@ def prepare(spec, data_dir: Path) -> Path:
     return prepare_data(spec.data, data_dir)
 
 
+def plan_config(spec, stage) -> PretrainedConfig:
+    """The stage's config before any data exists (the planner's view): vocab from the spec."""
+    return load_config(stage.model, vocab_size=spec.data.vocab_size)
+
+
 def model_config(spec, stage, data_dir: Path) -> PretrainedConfig:
     """The stage's model config with the prepared tokenizer's vocab and special tokens."""
     from transformers import AutoTokenizer

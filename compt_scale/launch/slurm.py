@@ -12,7 +12,6 @@ anew, every later stage is too (an old job would wait on the replaced one).
 """
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess

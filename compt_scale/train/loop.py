@@ -139,11 +139,13 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
         alpha = 0.0
         if teacher is not None and cfg.ifd.enabled:
             if cfg.ifd.alpha == "auto":
-                # The same batches on every rank, so all ranks agree on alpha without communication.
-                calib = [to_device(train_data.batch(sample_indices(len(train_data), cfg.seed, 0, m, 1,
-                                                                   t.micro_batch_size, 0, 1)))
+                # Each rank its own share of the first steps' data: a multi-rank contrastive loss
+                # would see duplicated pairs if every rank used the same batches.
+                calib = [to_device(train_data.batch(sample_indices(len(train_data), cfg.seed, 0, m,
+                                                                   cfg.ifd.calib_batches, t.micro_batch_size,
+                                                                   rank, world)))
                          for m in range(cfg.ifd.calib_batches)]
-                alpha = calibrate_alpha(engine.module, teacher, calib, cfg.ifd.ratio)
+                alpha = calibrate_alpha(engine.module, teacher, calib, cfg.ifd.ratio, reduce=all_reduce_mean)
             else:
                 alpha = float(cfg.ifd.alpha)
         loop = {"step": 0, "alpha": alpha}

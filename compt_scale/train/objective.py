@@ -47,11 +47,12 @@ class FrozenTeacher:
         return self.family.features(self.model, batch)
 
 
-def calibrate_alpha(module: StudentWithIFD, teacher: FrozenTeacher, batches, ratio: float) -> float:
+def calibrate_alpha(module: StudentWithIFD, teacher: FrozenTeacher, batches, ratio: float,
+                    reduce=lambda x: x) -> float:
     """alpha so that alpha * L_ifd ~= ratio * L_task on the first batches (paper: ratio 0.1).
 
-    Computed on the grown student before any update; every rank sees the same batches (the caller
-    passes rank-independent ones), so all ranks agree on alpha without communication.
+    Computed on the grown student before any update, each rank on its own share of the first batches;
+    `reduce` averages the sums over ranks, so every rank gets the same alpha.
     """
     task_sum, ifd_sum = 0.0, 0.0
     with torch.no_grad():
@@ -59,6 +60,7 @@ def calibrate_alpha(module: StudentWithIFD, teacher: FrozenTeacher, batches, rat
             task, ifd = module(batch, teacher.features(batch), alpha=1.0)
             task_sum += float(task)
             ifd_sum += float(ifd)
+    task_sum, ifd_sum = reduce(task_sum), reduce(ifd_sum)
     if not math.isfinite(task_sum) or not math.isfinite(ifd_sum):
         raise CompTError("ifd.alpha: calibration saw a non-finite loss (check the teacher export)")
     if ifd_sum <= 1e-12:
