@@ -198,7 +198,7 @@ the earlier chain stages spent; baselines start at 0.</p>
 {imgs}
 </body></html>
 """
-    from .chain.manifest import atomic_write_text
+    from .files import atomic_write_text
     out = out_dir / "report.html"
     atomic_write_text(out, page)
     return out

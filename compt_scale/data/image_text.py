@@ -19,10 +19,8 @@ as open_clip's own eval transform does, so an export's `preprocess_val` sees wha
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import math
-import os
 import random
 import shutil
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import CompTError
+from ..files import build_once
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)   # open_clip's OPENAI_DATASET_MEAN / STD: what its
 STD = (0.26862954, 0.26130258, 0.27577711)   # default preprocess (and an export's) normalizes with
@@ -181,64 +180,47 @@ def prepare_image_text(data, context_length: int, out: Path) -> Path:
     """Build (or reuse) the prepared image-text dir for a DataSpec. Safe to call from every rank."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    out = Path(out)
-    spec_d = dataclasses.asdict(data)
-    spec_d.pop("cache_dir", None)
-    spec_d["context_length"] = context_length
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        meta_p = out / "meta.json"
-        if meta_p.is_file():
-            if json.loads(meta_p.read_text()).get("spec") != spec_d:
-                raise CompTError(f"data cache {out} was built from a different data spec; remove it or "
-                                 "set data.cache_dir elsewhere")
-            return out
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            size = data.image_size
-            tokenizer = SimpleTokenizer(context_length=context_length)
-            if data.corpus == "shapes":
-                n = data.num_samples
-                n_val = val_count(n, data.val_fraction)
-                splits = {"train": list(range(n - n_val)), "val": list(range(n - n_val, n))}
+    key = dataclasses.asdict(data)
+    key.pop("cache_dir", None)
+    key["context_length"] = context_length
 
-                def load(i):
-                    return shapes_sample(i, size)
-            elif data.corpus == "files":
-                rows = _read_csvs(data, tmp / "hf-cache")
-                n = len(rows)
-                n_val = val_count(n, data.val_fraction)
-                order = np.random.default_rng(0).permutation(n)  # CSVs are often sorted: shuffle the split
-                splits = {"val": [rows[i] for i in sorted(order[:n_val])],
-                          "train": [rows[i] for i in sorted(order[n_val:])]}
+    def build(tmp: Path) -> dict:
+        size = data.image_size
+        tokenizer = SimpleTokenizer(context_length=context_length)
+        if data.corpus == "shapes":
+            n = data.num_samples
+            n_val = val_count(n, data.val_fraction)
+            splits = {"train": list(range(n - n_val)), "val": list(range(n - n_val, n))}
 
-                def load(row):
-                    try:
-                        return load_image(row[0], size), row[1]
-                    except (OSError, ValueError) as e:
-                        raise CompTError(f"data.paths: cannot read image {row[0]}: {e}") from None
-            else:
-                raise CompTError(f"data.corpus: open_clip trains on 'shapes' or 'files', got {data.corpus!r}")
-            if n < 8 or n - n_val < 2:
-                raise CompTError(f"data: only {n} image-caption pairs; need at least 8")
-            counts = {}
-            for split, items in splits.items():
-                _write_split(tmp, split, items, len(items), size, tokenizer, context_length, load)
-                counts[split] = len(items)
-            shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
-            (tmp / "meta.json").write_text(json.dumps(
-                {"kind": "image_text", "samples": counts, "image_size": size, "context_length": context_length,
-                 "tokenizer": "open_clip SimpleTokenizer", "vocab_size": tokenizer.vocab_size,
-                 "mean": MEAN, "std": STD, "spec": spec_d}, indent=2))
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out
+            def load(i):
+                return shapes_sample(i, size)
+        elif data.corpus == "files":
+            rows = _read_csvs(data, tmp / "hf-cache")
+            n = len(rows)
+            n_val = val_count(n, data.val_fraction)
+            order = np.random.default_rng(0).permutation(n)  # CSVs are often sorted: shuffle the split
+            splits = {"val": [rows[i] for i in sorted(order[:n_val])],
+                      "train": [rows[i] for i in sorted(order[n_val:])]}
+
+            def load(row):
+                try:
+                    return load_image(row[0], size), row[1]
+                except (OSError, ValueError) as e:
+                    raise CompTError(f"data.paths: cannot read image {row[0]}: {e}") from None
+        else:
+            raise CompTError(f"data.corpus: open_clip trains on 'shapes' or 'files', got {data.corpus!r}")
+        if n < 8 or n - n_val < 2:
+            raise CompTError(f"data: only {n} image-caption pairs; need at least 8")
+        counts = {}
+        for split, items in splits.items():
+            _write_split(tmp, split, items, len(items), size, tokenizer, context_length, load)
+            counts[split] = len(items)
+        shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
+        return {"kind": "image_text", "samples": counts, "image_size": size, "context_length": context_length,
+                "tokenizer": "open_clip SimpleTokenizer", "vocab_size": tokenizer.vocab_size,
+                "mean": MEAN, "std": STD}
+
+    return build_once(Path(out), key, build)
 
 
 class ImageText:

@@ -12,7 +12,6 @@ the data, and the sampler below maps (step, rank) to sample indices with no stat
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import CompTError
+from ..files import build_once
 from .corpus import load_splits
 
 
@@ -67,52 +67,32 @@ def _tokenize_to(ds, tok, path: Path, dtype) -> int:
 
 def prepare_data(data, out: Path) -> Path:
     """Build (or reuse) the prepared data dir for a DataSpec. Safe to call from every rank."""
-    out = Path(out)
-    meta_p = out / "meta.json"
     # Only what shapes the token stream: a new unrelated DataSpec field must not invalidate caches.
-    spec_d = {k: v for k, v in dataclasses.asdict(data).items() if k in TEXT_KEYS}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if meta_p.is_file():
-            meta = json.loads(meta_p.read_text())
-            if {k: meta["spec"].get(k) for k in TEXT_KEYS} != spec_d:
-                raise CompTError(f"data cache {out} was built from a different data spec; remove it or "
-                                 "set data.cache_dir elsewhere")
-            return out
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            train, val = load_splits(data, tmp)
-            if data.tokenizer == "train":
-                tok = _train_sentencepiece(train["text"], data.vocab_size, tmp)
-            else:
-                from transformers import AutoTokenizer
-                tok = AutoTokenizer.from_pretrained(data.tokenizer)
-            if tok.eos_token_id is None:
-                raise CompTError(f"data.tokenizer: {data.tokenizer} has no EOS token")
-            tok.save_pretrained(str(tmp / "tokenizer"))
-            shutil.rmtree(tmp / "sp", ignore_errors=True)
-            vocab = len(tok)
-            dtype = np.uint16 if vocab <= 65535 else np.uint32
-            counts = {s: _tokenize_to(d, tok, tmp / f"{s}.bin", dtype) for s, d in (("train", train), ("val", val))}
-            for s, c in counts.items():
-                if c < 2 * (data.seq_len + 1):
-                    raise CompTError(f"data: the {s} split has only {c} tokens, fewer than two sequences of "
-                                     f"seq_len {data.seq_len}")
-            for junk in ("hf-cache", "corpus.train.jsonl", "corpus.val.jsonl", "spm.model", "spm.vocab"):
-                p = tmp / junk
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            (tmp / "meta.json").write_text(json.dumps(
-                {"vocab_size": vocab, "dtype": np.dtype(dtype).name, "seq_len": data.seq_len,
-                 "tokens": counts, "spec": spec_d}, indent=2))
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out
+    key = {k: v for k, v in dataclasses.asdict(data).items() if k in TEXT_KEYS}
+
+    def build(tmp: Path) -> dict:
+        train, val = load_splits(data, tmp)
+        if data.tokenizer == "train":
+            tok = _train_sentencepiece(train["text"], data.vocab_size, tmp)
+        else:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(data.tokenizer)
+        if tok.eos_token_id is None:
+            raise CompTError(f"data.tokenizer: {data.tokenizer} has no EOS token")
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        vocab = len(tok)
+        dtype = np.uint16 if vocab <= 65535 else np.uint32
+        counts = {s: _tokenize_to(d, tok, tmp / f"{s}.bin", dtype) for s, d in (("train", train), ("val", val))}
+        for s, c in counts.items():
+            if c < 2 * (data.seq_len + 1):
+                raise CompTError(f"data: the {s} split has only {c} tokens, fewer than two sequences of "
+                                 f"seq_len {data.seq_len}")
+        for junk in ("sp", "hf-cache", "corpus.train.jsonl", "corpus.val.jsonl", "spm.model", "spm.vocab"):
+            p = tmp / junk
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return {"vocab_size": vocab, "dtype": np.dtype(dtype).name, "seq_len": data.seq_len, "tokens": counts}
+
+    return build_once(Path(out), key, build)
 
 
 class PackedTokens:

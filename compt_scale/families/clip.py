@@ -148,7 +148,7 @@ def grow_open_clip_checkpoint(src_path, src_cfg: dict, tgt_cfg: dict, out_dir, w
     from safetensors.torch import save_file
 
     from ..grow.registry import check_growable, grow_state
-    from ..grow.stream import atomic_dir
+    from ..files import atomic_dir
 
     check_growable(src_cfg, tgt_cfg, width, depth)
     src = load_state(src_path)
@@ -156,7 +156,7 @@ def grow_open_clip_checkpoint(src_path, src_cfg: dict, tgt_cfg: dict, out_dir, w
     g = torch.Generator().manual_seed(seed)
     state, report = grow_state(src, src_cfg, tgt_cfg, student, width, depth, noise_snr, g)
     report.update(source=str(src_path), seed=seed, noise_snr=noise_snr)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=False) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "open_clip_model.safetensors"))
         (tmp / "open_clip_config.json").write_text(json.dumps({"model_cfg": tgt_cfg}, indent=2))
         (tmp / "grow_report.json").write_text(json.dumps(report, indent=1))

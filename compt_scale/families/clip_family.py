@@ -223,7 +223,7 @@ def export(student, state: dict, data_dir: Path, out: Path) -> None:
     """open_clip local-dir export, written to a temp dir and renamed (complete or absent)."""
     from safetensors.torch import save_file
 
-    from ..train.checkpoint import atomic_dir
+    from ..files import atomic_dir
     cfg = config_of(student)
     meta = read_json(Path(data_dir) / "meta.json", "prepared data meta")
     preprocess = {"size": meta["image_size"], "mode": "RGB", "mean": meta["mean"], "std": meta["std"],

@@ -141,7 +141,7 @@ def export(student, state: dict, data_dir: Path, out: Path) -> None:
     """`save_pretrained` + tokenizer into a temp dir, then rename: loadable with no project code."""
     from transformers import AutoTokenizer
 
-    from ..train.checkpoint import atomic_dir
+    from ..files import atomic_dir
     with atomic_dir(out) as tmp:
         student.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")).save_pretrained(str(tmp))

@@ -13,19 +13,17 @@ the order tensors are processed in.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import struct
-import uuid
 from pathlib import Path
 
 import torch
 
 from ..errors import CompTError
+from ..files import atomic_dir
 from .axes import CHUNK_ELEMS, Source
 from .registry import grow_tensor, plan, source_key
 
@@ -131,25 +129,6 @@ def _write_shard(path: Path, items, produce) -> None:
             del t
 
 
-@contextlib.contextmanager
-def atomic_dir(out_dir):
-    """Yield a temp dir next to out_dir; rename it into place only if the body succeeds."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CompTError(f"output {out} already exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ---------------------------------------------------------------- growth
 
 def _seed_for(seed: int, key: str) -> int:
@@ -238,7 +217,7 @@ def grow_hf_checkpoint(src_dir, tgt_config, out_dir, width: str = "insert", dept
         report["tensors"][key] = grow_tensor(st, src, out, layout, src_config, tgt_config, width, noise_snr, gen)
         return out
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=False) as tmp:
         for name, shard in zip(names, shards):
             _write_shard(tmp / name, shard, produce)
         if len(shards) > 1:

@@ -1,16 +1,14 @@
-"""Checkpoints (DeepSpeed's own, plus our loop state) and the HF export.
+"""Checkpoints: DeepSpeed's own, plus our loop state and RNG, and the student gathered for export.
 
 DeepSpeed writes `global_stepN/` and only then rewrites `latest`, so a run killed mid-save still has
-the previous checkpoint as latest. We keep the newest `keep` checkpoints. The export is written to a
-temp dir and renamed, so `<stage>/model` is either complete or absent.
+the previous checkpoint as latest. We keep the newest `keep` checkpoints. (Exports are the family's
+job, written through compt_scale.files.atomic_dir so `<stage>/model` is either complete or absent.)
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -79,18 +77,3 @@ def gather_student_state(engine) -> dict | None:
         return None
     return {k.removeprefix("student."): v.detach().to("cpu", torch.float32).clone()
             for k, v in full.items() if k.startswith("student.")}
-
-
-@contextmanager
-def atomic_dir(out: Path):
-    """Yield a temp dir next to `out`; on success it replaces `out` whole, on failure it vanishes."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,67 @@
+"""Writing outputs so that a crash never leaves half of one: atomic files, atomic dirs, and prepared
+data dirs built exactly once under a lock (every rank, job or stage may ask for the same one)."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+from .errors import CompTError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(out: Path, replace: bool = True):
+    """Yield a temp dir next to `out`; if the body succeeds it becomes `out` whole, else it vanishes.
+
+    replace=False refuses a non-empty `out` up front (user-facing outputs such as `grow --out`);
+    replace=True swaps a previous version out (exports re-written by a resumed stage).
+    """
+    out = Path(out)
+    if not replace and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CompTError(f"output {out} already exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.is_dir():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_once(out: Path, key: dict, build: Callable[[Path], dict]) -> Path:
+    """A prepared dir with a `meta.json`, built once. `build(tmp)` fills tmp and returns the meta;
+    `key` (what determines the content) is stored in it as "spec". A dir built from another key is an
+    error rather than silently reused or overwritten."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta_p = out / "meta.json"
+        if meta_p.is_file():
+            old = json.loads(meta_p.read_text()).get("spec", {})
+            if {k: old.get(k) for k in key} != key:
+                raise CompTError(f"data cache {out} was built from a different data spec; remove it or "
+                                 "set data.cache_dir elsewhere")
+            return out
+        with atomic_dir(out) as tmp:
+            meta = build(tmp)
+            (tmp / "meta.json").write_text(json.dumps({**meta, "spec": key}, indent=2))
+    return out
