@@ -13,17 +13,8 @@
 # slurm/stage.sbatch, which pass SIGUSR1 on and keep exit code 99.
 # Extra launcher options: DEEPSPEED_ARGS="--include localhost:0,1" (space-separated).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PY=${PYTHON:-$ROOT/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-if [ -z "${NPROC:-}" ]; then
-  NPROC=$(nvidia-smi -L 2>/dev/null | wc -l || true)
-  [ "${NPROC:-0}" -gt 0 ] || NPROC=1
-fi
-if [ $# -lt 1 ]; then
-  echo "usage: NPROC=N $0 SPEC.yaml --stage NAME --out DIR [--resume]" >&2
-  exit 2
-fi
+# shellcheck source=launchers/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PORT=${MASTER_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 # shellcheck disable=SC2086
 exec "$PY" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "$PORT" --no_local_rank \

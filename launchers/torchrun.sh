@@ -13,17 +13,8 @@
 # several runs can share a machine.
 # Extra torchrun options: TORCHRUN_ARGS="--master_port 29600" (space-separated).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PY=${PYTHON:-$ROOT/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-if [ -z "${NPROC:-}" ]; then
-  NPROC=$(nvidia-smi -L 2>/dev/null | wc -l || true)
-  [ "${NPROC:-0}" -gt 0 ] || NPROC=1
-fi
-if [ $# -lt 1 ]; then
-  echo "usage: NPROC=N $0 SPEC.yaml --stage NAME --out DIR [--resume]" >&2
-  exit 2
-fi
+# shellcheck source=launchers/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # exec: signals sent to this script's pid reach the launcher directly.
 # shellcheck disable=SC2086
 exec "$PY" -m compt_scale.launch.torchrun --standalone --nproc_per_node "$NPROC" ${TORCHRUN_ARGS:-} \

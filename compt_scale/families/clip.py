@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CompTError
+from ..errors import CompTError, read_json
 from ..grow.registry import Layout
 
 # Options that change which tensors exist or what they mean; the layout covers the plain towers.
@@ -106,12 +106,7 @@ def load_model_config(spec: str) -> dict:
     if p.is_dir():
         p = p / "open_clip_config.json"
     if p.suffix == ".json":
-        if not p.is_file():
-            raise CompTError(f"open_clip model config not found: {p}")
-        try:
-            raw = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise CompTError(f"{p}: invalid JSON: {e.msg}") from None
+        raw = read_json(p, "open_clip model config")
         raw = raw.get("model_cfg", raw)
     else:
         import open_clip
