@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# The SLURM cluster fixtures (session-scoped: one cluster for the whole run).
+pytest_plugins = ["slurm_cluster"]
+
 REPO = Path(__file__).resolve().parents[1]
 # DeepSpeed JIT-builds a small CPU comm op on first use; a cache per checkout keeps checkouts with
 # different torch builds from rebuilding each other's copy in every stage process.

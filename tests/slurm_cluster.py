@@ -4,7 +4,7 @@ Everything lives in one temp dir: its own munge key and socket, a generated slur
 ports, state/spool/log dirs. So it neither needs nor touches /etc/munge, /etc/slurm or a system munged,
 and two test sessions on one machine do not collide. Needs root (slurmd runs jobs as their user).
 
-Use from a test module:  `from slurm_cluster import slurm_cluster  # noqa: F401` (a session fixture),
+Registered as a plugin by tests/conftest.py: ask for the `slurm_cluster` fixture (session-scoped);
 then `slurm_cluster.env` is the environment for sbatch/scontrol/compt-scale (SLURM_CONF set).
 `python tests/slurm_cluster.py DIR` starts one by hand and prints its SLURM_CONF.
 """

@@ -13,7 +13,6 @@ from slurm_cluster import PREEMPT_STEPS, last_step, read_metrics, train_losses
 
 # The cluster and the preemption reference are session fixtures: registered once as a plugin (not
 # imported per module, which would start one per module).
-pytest_plugins = ["slurm_cluster"]
 
 from compt_scale.chain.manifest import Manifest
 

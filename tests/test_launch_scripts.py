@@ -18,7 +18,6 @@ from conftest import REPO, run_cli, write_spec
 
 # The cluster and the preemption reference are session fixtures: registered once as a plugin (not
 # imported per module, which would start one per module).
-pytest_plugins = ["slurm_cluster"]
 
 from compt_scale.chain.manifest import Manifest
 from compt_scale.launch.hostlist import expand
