@@ -92,7 +92,7 @@ def load_splits(data, work_dir: Path) -> tuple[datasets.Dataset, datasets.Datase
         return ds["train"], ds["validation"]
     kind = _loader_for(data.paths)
     try:
-        ds = datasets.load_dataset(kind, data_files={"all": data.paths}, cache_dir=str(work_dir / "hf-cache"))["all"]
+        ds = datasets.load_dataset(kind, data_files={"train": data.paths}, cache_dir=str(work_dir / "hf-cache"))["train"]
     except Exception as e:  # datasets raises many types for unreadable files
         raise CompTError(f"data.paths: cannot load: {str(e).splitlines()[0]}") from None
     field = "text" if kind == "text" else data.text_field
