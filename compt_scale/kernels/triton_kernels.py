@@ -38,6 +38,30 @@ def _rtne_bf16(x):
 
 
 @triton.jit
+def _tile_matmul(a_ptr, b_ptr, rm, rn, mask_m, mask_n, K, stride_am, stride_ak, stride_bk, stride_bn,
+                 INPUT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 tile of A[rm, :] @ B[:, rn], B cast to A's dtype (e.g. an fp32 master weight against
+    bf16 activations). Out-of-range rows/cols/k load as 0, so they add nothing."""
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mask_k = kk < K
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if INTERP_BF16:
+            a = a.to(tl.float32)
+            b = _rtne_bf16(b.to(tl.float32))
+        else:
+            b = b.to(a.dtype)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _proj_err_kernel(
     s_ptr, w_ptr, b_ptr, t_ptr, out_ptr, db_ptr, sse_ptr, gscale_ptr,
     M, N, K,
@@ -57,24 +81,11 @@ def _proj_err_kernel(
     # int64 rows: N * d_s passes 2^31 at ~512K tokens x 4096 and the offsets would wrap in int32.
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_n = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        mask_k = kk < K
-        a = tl.load(s_ptr + rm[:, None] * stride_sm + kk[None, :] * stride_sk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # W^T tile [BLOCK_K, BLOCK_N], cast to the student's dtype (e.g. fp32 master weight, bf16 S).
-        b = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
-                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)
-        if INTERP_BF16:
-            a = a.to(tl.float32)
-            b = _rtne_bf16(b.to(tl.float32))
-        else:
-            b = b.to(a.dtype)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    # S @ W^T: W^T is W read with its strides swapped.
+    acc = _tile_matmul(s_ptr, w_ptr, rm, rn, mask_m, mask_n, K, stride_sm, stride_sk, stride_wk, stride_wn,
+                       INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:  # added to the fp32 accumulator in fp32 (not rounded to the compute dtype)
         bias = tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
         acc += bias[None, :]
@@ -111,23 +122,10 @@ def _matmul_kernel(
     # int64 rows: N * d_s passes 2^31 at ~512K tokens x 4096 and the offsets would wrap in int32.
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_n = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        mask_k = kk < K
-        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * stride_bk + rn[None, :] * stride_bn,
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if INTERP_BF16:
-            a = a.to(tl.float32)
-            b = _rtne_bf16(b.to(tl.float32))
-        else:
-            b = b.to(a.dtype)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    acc = _tile_matmul(a_ptr, b_ptr, rm, rn, mask_m, mask_n, K, stride_am, stride_ak, stride_bk, stride_bn,
+                       INPUT_PRECISION, INTERP_BF16, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = mask_m[:, None] & mask_n[None, :]
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     if ACCUMULATE:
