@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from compt_scale.chain.planner import plan_rows
+from compt_scale.config import load_chain
 from compt_scale.data.packed import PackedTokens
 from conftest import run_cli, write_spec
 
@@ -84,6 +86,10 @@ def test_gpt2_chain_zero0_one_rank(tmp_path, tiny_data):
     assert model.config.model_type == "gpt2" and model.config.n_embd == 128
     gen = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False)
     assert gen.shape == (1, 8)
+    # `compt-scale plan` predicts exactly what the run recorded (same accounting, no drift).
+    for row in plan_rows(load_chain(spec)):
+        assert (row["params"], row["steps"], row["macs"]) == \
+            (manifest[row["name"]]["params"], manifest[row["name"]]["steps"], manifest[row["name"]]["macs"])
 
 
 def test_stage_needs_finished_predecessor(tmp_path, tiny_data):
