@@ -366,7 +366,3 @@ def load_chain(path: str | Path) -> ChainSpec:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise CompTError(f"{p}: invalid YAML{at}: {problem}") from None
     return parse_chain(raw, source=str(p.resolve()), base_dir=p.resolve().parent)
-
-
-def spec_to_dict(spec: ChainSpec) -> dict:
-    return dataclasses.asdict(spec)

@@ -5,9 +5,6 @@ class CompTError(Exception):
     """A problem with the user's input or environment (spec, paths, checkpoints, loss)."""
 
 
-def fail(msg: str) -> "CompTError":
-    return CompTError(msg)
-
 
 def read_json(path, what: str = "file") -> dict:
     """A JSON object from disk, or one CompTError line naming the file and the problem."""

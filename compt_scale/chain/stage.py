@@ -17,6 +17,7 @@ from ..config import ChainSpec
 from ..errors import CompTError
 from ..families import get_family
 from ..train.distributed import device, init_distributed
+from ..train.loop import EXIT_PREEMPTED
 from .manifest import Manifest
 
 
@@ -63,7 +64,7 @@ def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> di
             manifest.update_stage(name, status="failed", error=str(e))
         raise
     except SystemExit as e:
-        if e.code == 99 and rank == 0:
+        if e.code == EXIT_PREEMPTED and rank == 0:
             manifest.update_stage(name, status="preempted")
         raise
     except BaseException as e:

@@ -259,7 +259,7 @@ def _check_model(cfg: dict, spec, where: str, ctx0: tuple[int, str] | None) -> N
 
 def validate_chain(spec) -> None:
     """Config-level checks: presets exist, data fits the models, sizes grow, growth is possible."""
-    from ..grow import check_growable
+    from . import check_successor
     if spec.data.corpus not in ("shapes", "files"):
         raise CompTError(f"data.corpus: open_clip trains on 'shapes' or 'files', got {spec.data.corpus!r}")
     if spec.data.corpus == "files":
@@ -282,13 +282,5 @@ def validate_chain(spec) -> None:
         if not where.startswith("stages"):
             continue
         if prev is not None:
-            p_cfg, p_stage = prev
-            if param_count(cfg) <= param_count(p_cfg):
-                raise CompTError(f"{where}.model: {stage.model!r} is not larger than its predecessor "
-                                 f"{p_stage.model!r}")
-            g = spec.growth_for(stage)
-            try:
-                check_growable(p_cfg, cfg, width=g.width, depth=g.depth)
-            except CompTError as e:
-                raise CompTError(f"{where}.model: cannot grow from {p_stage.model!r}: {e}") from None
-        prev = (cfg, stage)
+            check_successor(spec, spec.index(stage.name), cfg, prev, param_count)
+        prev = cfg

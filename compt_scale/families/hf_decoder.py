@@ -49,10 +49,6 @@ def hidden_size(config: PretrainedConfig) -> int:
     return int(config.hidden_size)
 
 
-def num_layers(config: PretrainedConfig) -> int:
-    return int(config.num_hidden_layers)
-
-
 def num_heads(config: PretrainedConfig) -> int:
     return int(config.num_attention_heads)
 
@@ -154,6 +150,7 @@ def probe(model, batch) -> torch.Tensor:
 
 def validate_chain(spec) -> None:
     """Config-level checks that need the family: presets exist, sizes grow, growth is possible."""
+    from . import check_successor
     if spec.data.corpus not in ("stdlib", "files"):
         raise CompTError(f"data.corpus: decoders train on 'stdlib' or 'files', got {spec.data.corpus!r}")
     vocab = spec.data.vocab_size
@@ -178,14 +175,7 @@ def validate_chain(spec) -> None:
             if cfg.model_type != p_cfg.model_type:
                 raise CompTError(f"{where}: architecture {cfg.model_type!r} differs from predecessor's "
                                  f"{p_cfg.model_type!r}")
-            if param_count(cfg) <= param_count(p_cfg):
-                raise CompTError(f"{where}: {stage.model!r} is not larger than its predecessor {p_stage.model!r}")
-            g = spec.growth_for(stage)
-            from ..grow import check_growable
-            try:
-                check_growable(p_cfg, cfg, width=g.width, depth=g.depth)
-            except CompTError as e:
-                raise CompTError(f"{where}: cannot grow from {p_stage.model!r}: {e}") from None
+            check_successor(spec, i, cfg, p_cfg, param_count)
         prev = (cfg, stage)
     for i, stage in enumerate(spec.baselines):
         try:

@@ -9,7 +9,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
@@ -42,7 +42,6 @@ class LoopConfig:
     stage_dir: Path
     data_dir: Path
     resume: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class Preemption:
