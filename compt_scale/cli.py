@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import CompTError
+from .errors import EXIT_BAD_INPUT, CompTError
 
 # Order is the order shown in --help: the data flow chain -> stage -> grow -> train -> export.
 COMMAND_MODULES = [
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CompTError as e:
         print(f"compt-scale: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("compt-scale: interrupted", file=sys.stderr)
         return 130

@@ -1,9 +1,14 @@
 """One exception type for every user-facing failure: the CLI prints it as one line and exits 2."""
 
 
+# Stage process exit codes (docs/internals.md): the CLI, the training loop, the torchrun wrapper
+# and the sbatch template all use these.
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 99
+
+
 class CompTError(Exception):
     """A problem with the user's input or environment (spec, paths, checkpoints, loss)."""
-
 
 
 def read_json(path, what: str = "file") -> dict:

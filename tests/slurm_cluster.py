@@ -22,14 +22,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from compt_scale.train.distributed import free_port
 
 CPUS = 2  # the node line says CPUs=2: one 2-rank job, or two 1-rank jobs, at a time
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmCluster:
@@ -92,8 +88,8 @@ class SlurmCluster:
         return "\n".join([
             "ClusterName=compttest",
             f"SlurmctldHost={self.host}",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",

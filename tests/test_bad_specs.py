@@ -21,7 +21,7 @@ def base(**over):
 
 
 def llama_json(tmp_path, name, **over):
-    cfg = json.loads((REPO / "configs/models/llama-s.json").read_text())
+    cfg = json.loads((REPO / "configs/models/hf_decoder/llama-s.json").read_text())
     cfg.update(over)
     p = tmp_path / f"{name}.json"
     p.write_text(json.dumps(cfg))

@@ -13,7 +13,8 @@ import pytest
 
 from compt_scale.config import TrainSpec
 from compt_scale.errors import CompTError
-from compt_scale.launch.ds_presets import PRESET_DIR, build_ds_config, pick_preset
+from compt_scale.train.ds_config import PRESET_DIR, build_ds_config, pick_preset
+from compt_scale.train.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +91,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch, deepspeed
     from compt_scale.config import TrainSpec
-    from compt_scale.launch.ds_presets import build_ds_config
+    from compt_scale.train.ds_config import build_ds_config
     deepspeed.init_distributed(dist_backend="gloo")
     out = []
     for case in json.loads(sys.argv[1]):
@@ -121,11 +122,6 @@ ENGINE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_deepspeed_initialize_accepts_presets_on_cpu(tmp_path):
     """A real 1-rank gloo engine per preset: ZeRO 0/1/2/3/3+offload, fp32 and bf16, each takes steps."""
@@ -140,7 +136,7 @@ def test_deepspeed_initialize_accepts_presets_on_cpu(tmp_path):
     ]
     script = tmp_path / "engine.py"
     script.write_text(ENGINE_SCRIPT)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                WORLD_SIZE="1", LOCAL_RANK="0", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, str(script), json.dumps(cases)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=240)

@@ -58,7 +58,7 @@ def test_stream_insert_matches_registry_and_init_rule(src_dir, tmp_path):
     src = {k: SafetensorsReader(src_dir)[k] for k in SafetensorsReader(src_dir)}
     # the student's init is the documented per-tensor rule; rebuild it and compare with the registry
     shapes, alias = stream.target_tensors(tgt_cfg)
-    from compt_scale.families.layouts import get_layout
+    from compt_scale.grow.layouts import get_layout
     lay = get_layout(tgt_cfg)
     student = {k: stream.student_init(k, lay.match(k)[1], s, torch.float32, tgt_cfg, 5) for k, s in shapes}
     student["lm_head.weight"] = student["model.embed_tokens.weight"]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from compt_scale.train.distributed import free_port
 
 N_SPLIT = (23, 18)
 D_IN, D_S, D_T, ALPHA, LR = 12, 20, 14, 0.7, 0.1
@@ -105,14 +106,9 @@ def _worker(rank, outdir):
     dist.barrier()
 
 
-def _free_port():
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
-
 
 def test_two_gloo_ranks_group_and_zero3(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = dict(os.environ, TRITON_INTERPRET="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                WORLD_SIZE="2", OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, __file__, str(r), str(tmp_path)],
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),

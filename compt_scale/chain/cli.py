@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import load_chain
+from ..resources import CHAINS, resource
 
-DEMO_SPEC = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO_SPEC = resource(CHAINS, "demo.yaml")
 
 
 def register(sub) -> None:

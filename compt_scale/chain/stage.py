@@ -14,10 +14,9 @@ import torch
 import torch.distributed as dist
 
 from ..config import ChainSpec
-from ..errors import CompTError
+from ..errors import EXIT_PREEMPTED, CompTError
 from ..families import get_family
 from ..train.distributed import device, init_distributed
-from ..train.loop import EXIT_PREEMPTED
 from .manifest import Manifest
 
 
@@ -78,7 +77,7 @@ def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> di
 def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     from ..grow import grow_state
     from ..kernels import IFDProjection
-    from ..launch.ds_presets import build_ds_config, describe
+    from ..train.ds_config import build_ds_config, describe
     from ..train.loop import LoopConfig, train_stage
     from ..train.objective import FrozenTeacher, StudentWithIFD
 

@@ -23,16 +23,18 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CompTError, read_json
-from .clip import check_supported, load_model_config
+from ..grow.layouts.open_clip import check_supported
+from ..resources import MODELS, resource
+from .clip import load_model_config
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+PRESET_DIR = resource(MODELS, "open_clip")
 SIMPLE_TOKENIZER_VOCAB = 49408
 MAX_LOGIT_SCALE = 100.0      # open_clip training clamps exp(logit_scale) to 100
 CONFIG_ATTR = "compt_open_clip_cfg"
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("clip-*.json"))
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
 def load_config(model: str) -> dict:
@@ -51,12 +53,12 @@ def load_config(model: str) -> dict:
 
 
 def _vision(cfg: dict) -> dict:
-    from .clip import _full
+    from ..grow.layouts.open_clip import _full
     return _full(cfg)[0]
 
 
 def _text(cfg: dict) -> dict:
-    from .clip import _full
+    from ..grow.layouts.open_clip import _full
     return _full(cfg)[1]
 
 

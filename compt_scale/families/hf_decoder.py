@@ -13,8 +13,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..errors import CompTError, read_json
+from ..resources import MODELS, resource
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+PRESET_DIR = resource(MODELS, "hf_decoder")
 
 
 def preset_names() -> list[str]:

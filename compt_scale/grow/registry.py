@@ -68,7 +68,7 @@ def depth_map(depth: str, n_src: int, n_tgt: int) -> list[tuple[int, bool]]:
 # ---------------------------------------------------------------- checks
 
 def layout_for(config) -> Layout:
-    from ..families.layouts import get_layout
+    from .layouts import get_layout
     return get_layout(config)
 
 

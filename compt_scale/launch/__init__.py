@@ -1,1 +1,1 @@
-"""Launch: DeepSpeed presets (ds_presets), SLURM sbatch rendering/submission (slurm), `compt-scale slurm`."""
+"""Launch: SLURM sbatch rendering/submission (slurm), `compt-scale slurm`."""

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..chain.manifest import Manifest
-from ..errors import CompTError
+from ..errors import EXIT_PREEMPTED, CompTError
+from ..resources import resource
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "stage.sbatch"
+TEMPLATE = resource("slurm", "stage.sbatch")
 # States in which a job still has a future (it will run, or is running). A job pending on a
 # dependency that can never be satisfied has none, whatever its state says.
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
@@ -107,6 +108,7 @@ def render_stage(spec, stage: str, out: Path, opts: SlurmOptions) -> str:
         "stage": shlex.quote(stage),
         "nproc_per_node": str(nproc),
         "warn_seconds": str(opts.warn_seconds),
+        "exit_preempted": str(EXIT_PREEMPTED),
         "srun_gpus": f"--gpus-per-node={opts.gpus_per_node}" if opts.gpus_per_node else "",
         "env": "\n".join(f"export {k}={shlex.quote(v)}" for k, _, v in (e.partition("=") for e in opts.env)),
     }

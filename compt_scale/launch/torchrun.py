@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-PREEMPTED = 99
+from ..errors import EXIT_PREEMPTED as PREEMPTED
 _USR1_BIT = 1 << (signal.SIGUSR1 - 1)
 
 

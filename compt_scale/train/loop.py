@@ -19,12 +19,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..data.packed import sample_indices
-from ..errors import CompTError
+from ..errors import EXIT_PREEMPTED, CompTError
 from . import checkpoint
 from .distributed import all_reduce_flags, all_reduce_mean, device
 from .objective import FrozenTeacher, StudentWithIFD, calibrate_alpha
-
-EXIT_PREEMPTED = 99
 
 
 @dataclass

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CompTError, read_json
+from ..resources import DS_CONFIGS, resource
 
-# Repo-root ds_configs/ (the package is installed editable); COMPT_DS_CONFIGS overrides for installs
-# that ship the presets elsewhere.
-PRESET_DIR = Path(os.environ.get("COMPT_DS_CONFIGS", Path(__file__).resolve().parents[2] / "ds_configs"))
+# Shipped with the package (the repository's ds_configs/ links here); COMPT_DS_CONFIGS points elsewhere.
+PRESET_DIR = Path(os.environ.get("COMPT_DS_CONFIGS") or resource(DS_CONFIGS))
 
 # (upper bound on parameter count, preset); the last bound is infinite.
 SIZE_RULE = [

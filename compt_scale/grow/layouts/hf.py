@@ -7,8 +7,8 @@ Linear weights are [out, in]; GPT-2's Conv1D weights are [in, out], which the ta
 """
 from __future__ import annotations
 
-from ..errors import CompTError
-from ..grow.registry import Layout
+from ...errors import CompTError
+from ..registry import Layout
 
 
 def _heads(c) -> tuple[int, int, int]:
@@ -157,19 +157,3 @@ LAYOUTS = {
     "gpt_neox": Layout("gpt_neox", _neox_sizes, NEOX, tied={"lm_head.weight": "gpt_neox.embed_in.weight"}),
     "opt": Layout("opt", _opt_sizes, OPT, tied={"lm_head.weight": "model.decoder.embed_tokens.weight"}),
 }
-
-
-def supported() -> list[str]:
-    return sorted(LAYOUTS) + ["open_clip"]
-
-
-def get_layout(config) -> Layout:
-    """The layout for a transformers config (by model_type) or an open_clip model-config dict."""
-    if isinstance(config, dict):
-        from .clip import CLIP_LAYOUT, check_supported
-        check_supported(config)
-        return CLIP_LAYOUT
-    mt = getattr(config, "model_type", None)
-    if mt not in LAYOUTS:
-        raise CompTError(f"no growth layout for architecture {mt!r} (supported: {', '.join(supported())})")
-    return LAYOUTS[mt]
