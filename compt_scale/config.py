@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -21,19 +21,35 @@ DEPTH_OPS = ("duplicate", "stack", "zero")
 
 @dataclass
 class DataSpec:
-    corpus: str = "stdlib"            # decoders: "stdlib" (Python's own source + docs) or "files";
-                                      # open_clip: "shapes" (scenes rendered here) or "files" (CSV)
-    paths: list[str] = field(default_factory=list)   # txt / jsonl / parquet (decoders), csv (open_clip)
-    text_field: str = "text"
-    image_field: str = "filepath"     # open_clip: the CSV column with image paths
-    image_size: int = 64              # open_clip: images are resized to this
-    num_samples: int = 20000          # open_clip "shapes": how many image-caption pairs to render
-    tokenizer: str = "train"          # "train" (SentencePiece trained here) or an HF tokenizer dir
-    vocab_size: int = 4096
-    seq_len: int = 128
+    """Data options every family has; each family adds its own in a subclass (below), so an option
+    that means nothing to the spec's family is an unknown-field error, not silently ignored."""
+    CORPORA: ClassVar[tuple[str, ...]] = ()
+    corpus: str = ""
+    paths: list[str] = field(default_factory=list)   # user files (format per family)
+    text_field: str = "text"          # the column/key holding text (decoders) or captions (CLIP CSV)
     val_fraction: float = 0.02
     max_chars: int = 6_000_000        # cap on the corpus size, so small demos stay small
     cache_dir: str | None = None      # default: <out>/data
+
+
+@dataclass
+class TextDataSpec(DataSpec):
+    """`data:` of decoder chains (family hf_decoder)."""
+    CORPORA: ClassVar[tuple[str, ...]] = ("stdlib", "files")
+    corpus: str = "stdlib"            # "stdlib" (Python's own source + docs) or "files" (txt/jsonl/parquet)
+    tokenizer: str = "train"          # "train" (SentencePiece trained here) or an HF tokenizer dir
+    vocab_size: int = 4096
+    seq_len: int = 128
+
+
+@dataclass
+class ImageTextDataSpec(DataSpec):
+    """`data:` of CLIP chains (family open_clip)."""
+    CORPORA: ClassVar[tuple[str, ...]] = ("shapes", "files")
+    corpus: str = "shapes"            # "shapes" (scenes rendered here) or "files" (CSV/TSV)
+    image_field: str = "filepath"     # the CSV column with image paths
+    image_size: int = 64              # images are resized to this
+    num_samples: int = 20000          # "shapes": how many image-caption pairs to render
 
 
 @dataclass
@@ -92,7 +108,7 @@ class ChainSpec:
     stages: list[StageSpec]
     family: str = "hf_decoder"
     seed: int = 0
-    data: DataSpec = field(default_factory=DataSpec)
+    data: DataSpec = field(default_factory=TextDataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     ifd: IFDSpec = field(default_factory=IFDSpec)
     growth: GrowthSpec = field(default_factory=GrowthSpec)
@@ -239,24 +255,25 @@ def _validate_section(obj, where: str) -> None:
         if obj.depth not in DEPTH_OPS:
             raise CompTError(f"{where}.depth: unknown operator {obj.depth!r} (known: {', '.join(DEPTH_OPS)})")
     elif isinstance(obj, DataSpec):
-        if obj.corpus not in ("stdlib", "files", "shapes"):
-            raise CompTError(f"data.corpus: must be 'stdlib', 'shapes' or 'files', got {obj.corpus!r}")
+        if obj.corpus not in obj.CORPORA:
+            raise CompTError(f"data.corpus: must be {' or '.join(map(repr, obj.CORPORA))}, got {obj.corpus!r}")
         if obj.corpus == "files":
             if not obj.paths:
                 raise CompTError("data.paths: corpus 'files' needs at least one path")
             for p in obj.paths:
                 if not Path(p).exists():
                     raise CompTError(f"data.paths: file not found: {p}")
-        if obj.tokenizer != "train" and not Path(obj.tokenizer).is_dir():
-            raise CompTError(f"data.tokenizer: not 'train' and not a tokenizer directory: {obj.tokenizer}")
-        if obj.vocab_size < 256:
-            raise CompTError(f"data.vocab_size: must be >= 256, got {obj.vocab_size}")
-        if obj.seq_len < 8:
-            raise CompTError(f"data.seq_len: must be >= 8, got {obj.seq_len}")
         if not 0 < obj.val_fraction < 0.5:
             raise CompTError(f"data.val_fraction: must be in (0, 0.5), got {obj.val_fraction}")
         if obj.max_chars <= 0:
             raise CompTError("data.max_chars: must be positive")
+        if isinstance(obj, TextDataSpec):
+            if obj.tokenizer != "train" and not Path(obj.tokenizer).is_dir():
+                raise CompTError(f"data.tokenizer: not 'train' and not a tokenizer directory: {obj.tokenizer}")
+            if obj.vocab_size < 256:
+                raise CompTError(f"data.vocab_size: must be >= 256, got {obj.vocab_size}")
+            if obj.seq_len < 8:
+                raise CompTError(f"data.seq_len: must be >= 8, got {obj.seq_len}")
 
 
 def _resolve_path(p: str, base: Path) -> str:
@@ -299,14 +316,18 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
             out.append(st)
         return out
 
+    from .families import DATA_SPECS
+    family = _coerce(raw.get("family", "hf_decoder"), "str", "spec.family")
+    if family not in DATA_SPECS:
+        raise CompTError(f"spec.family: unknown family {family!r} (known: {', '.join(DATA_SPECS)})")
     spec = ChainSpec(
         name=_coerce(raw["name"], "str", "spec.name"),
         stages=stages_of("stages"),
         baselines=stages_of("baselines"),
-        family=_coerce(raw.get("family", "hf_decoder"), "str", "spec.family"),
+        family=family,
         seed=_coerce(raw.get("seed", 0), "int", "spec.seed"),
         nproc=_coerce(raw.get("nproc", 1), "int", "spec.nproc"),
-        data=_build(DataSpec, data_raw, "data"),
+        data=_build(DATA_SPECS[family], data_raw, "data"),
         train=_build(TrainSpec, train_raw, "train"),
         ifd=_build(IFDSpec, raw.get("ifd") or {}, "ifd"),
         growth=_build(GrowthSpec, raw.get("growth") or {}, "growth"),

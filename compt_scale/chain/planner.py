@@ -191,7 +191,7 @@ def format_plan(spec) -> str:
     s = plan_summary(spec, rows)
     head = f"{'stage':<14}{'model':<16}{'params':>10}{'ratio':>8}{'tokens':>14}{'steps':>8}" \
            f"{'train MACs':>12}{'teacher':>10}{'MACs':>10}{'accum.':>10}"
-    unit = f"seq_len {spec.data.seq_len}" if spec.family == "hf_decoder" else "budgets in image-caption pairs"
+    unit = f"budgets in {get_family(spec.family).budget_unit}"
     lines = [f"chain {spec.name!r}: {len(spec.stages)} stages, {unit}", head, "-" * len(head)]
     for r in rows:
         if r["kind"] == "baseline" and lines[-1] != "-- independent baselines":

@@ -38,12 +38,16 @@ def _train_sentencepiece(texts, vocab_size: int, work: Path):
             f.write(t.replace("\x00", "") + "\n")
     prefix = work / "spm"
     # byte_fallback + identity normalization: any text (code indentation, unicode) round-trips exactly.
-    spm.SentencePieceTrainer.train(
-        input=str(sample), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, split_digits=True, num_threads=os.cpu_count() or 1,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, normalization_rule_name="identity",
-        input_sentence_size=200_000, shuffle_input_sentence=True, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(sample), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, character_coverage=1.0, split_digits=True, num_threads=os.cpu_count() or 1,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, normalization_rule_name="identity",
+            input_sentence_size=200_000, shuffle_input_sentence=True, minloglevel=2)
+    except RuntimeError as e:  # e.g. fewer pieces than the corpus has distinct characters
+        raise CompTError(f"data.vocab_size {vocab_size}: SentencePiece cannot train on this corpus: "
+                         f"{str(e).splitlines()[0].split('] ')[-1]}") from None
     tok_dir = work / "sp"
     tok_dir.mkdir()
     shutil.copy(f"{prefix}.model", tok_dir / "tokenizer.model")

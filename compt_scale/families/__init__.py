@@ -1,26 +1,20 @@
-"""Model families registered by name. The stage runner is generic; a family module provides:
-
-  validate_chain(spec)                         config-level checks before anything runs
-  prepare(spec, data_dir) -> data_dir          build/reuse the prepared data
-  model_config(spec, stage, data_dir)          the stage's model config
-  plan_config(spec, stage), param_count(cfg)   the same before any data exists (the planner)
-  build(config, seed) -> model                 fresh init (the student's own init for growth)
-  config_of(model), feature_dims(config)       IFD feature streams and their widths
-  losses(model, batch) -> (task, [features])   the student's forward
-  features(model, batch) -> [features]         the teacher's forward
-  dataset(spec, data_dir, split)               `.batch(indices)` -> tuple of tensors, `len()`
-  tokens_per_sample(spec), stage_macs(student_cfg, teacher_cfg, spec, samples)
-  load_export(path), export(model, state, data_dir, out), probe(model, batch)
-Growth goes through the shared registry (compt_scale.grow) with the family's layout tables.
+"""Model families registered by name. Each is one typed `Family` (families/base.py) built by its
+module; the stage runner, planner and report talk only to that contract. This module is torch-free:
+the family modules (which import torch and their libraries) load only when a family is asked for.
+Growth goes through the shared registry (compt_scale.grow) with the layout tables under grow/layouts.
 """
 from __future__ import annotations
 
 import importlib
 
+from ..config import ImageTextDataSpec, TextDataSpec
 from ..errors import CompTError
+from .base import Family
 
 FAMILIES = {"hf_decoder": "compt_scale.families.hf_decoder",
             "open_clip": "compt_scale.families.clip_family"}
+# The `data:` section each family reads (config.py parses the section with it).
+DATA_SPECS = {"hf_decoder": TextDataSpec, "open_clip": ImageTextDataSpec}
 
 
 def check_successor(spec, i: int, cfg, prev_cfg, param_count) -> None:
@@ -39,7 +33,7 @@ def check_successor(spec, i: int, cfg, prev_cfg, param_count) -> None:
         raise CompTError(f"{where}: cannot grow from {pred.model!r}: {e}") from None
 
 
-def get_family(name: str):
+def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise CompTError(f"unknown family {name!r} (known: {', '.join(FAMILIES)})")
-    return importlib.import_module(FAMILIES[name])
+    return importlib.import_module(FAMILIES[name]).FAMILY

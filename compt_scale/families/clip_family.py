@@ -25,6 +25,7 @@ import torch.distributed as dist
 from ..errors import CompTError, read_json
 from ..grow.layouts.open_clip import check_supported
 from ..resources import MODELS, resource
+from .base import Family
 from .clip import load_model_config
 
 PRESET_DIR = resource(MODELS, "open_clip")
@@ -286,3 +287,11 @@ def validate_chain(spec) -> None:
         if prev is not None:
             check_successor(spec, spec.index(stage.name), cfg, prev, param_count)
         prev = cfg
+
+
+FAMILY = Family(
+    name="open_clip", budget_unit="image-caption pairs", preset_names=preset_names, load_config=load_config,
+    plan_config=plan_config, model_config=model_config, param_count=param_count, build=build,
+    config_of=config_of, load_export=load_export, export=export, feature_dims=feature_dims,
+    losses=losses, features=features, probe=probe, prepare=prepare, dataset=dataset,
+    tokens_per_sample=tokens_per_sample, stage_macs=stage_macs, validate_chain=validate_chain)

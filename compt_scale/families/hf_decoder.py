@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..errors import CompTError, read_json
 from ..resources import MODELS, resource
+from .base import Family
 
 PRESET_DIR = resource(MODELS, "hf_decoder")
 
@@ -183,3 +184,11 @@ def validate_chain(spec) -> None:
             load_config(stage.model)
         except CompTError as e:
             raise CompTError(f"baselines[{i}].model: {e}") from None
+
+
+FAMILY = Family(
+    name="hf_decoder", budget_unit="tokens", preset_names=preset_names, load_config=load_config,
+    plan_config=plan_config, model_config=model_config, param_count=param_count, build=build,
+    config_of=config_of, load_export=load_export, export=export, feature_dims=feature_dims,
+    losses=losses, features=features, probe=probe, prepare=prepare, dataset=dataset,
+    tokens_per_sample=tokens_per_sample, stage_macs=stage_macs, validate_chain=validate_chain)

@@ -1,0 +1,46 @@
+"""The family contract: everything the chain runner, planner and report need from a model family,
+as one typed object. A family module builds one `Family` from its functions (`FAMILY = Family(...)`);
+nothing outside a family branches on which family it is. tests/test_family_contract.py runs every
+registered family through this contract.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+Config = Any    # a transformers PretrainedConfig (decoders) or an open_clip model-config dict (CLIP)
+Batch = tuple   # tensors, as the family's dataset returns them
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    budget_unit: str                                          # what one sample of `tokens:` counts
+    # ---- models
+    preset_names: Callable[[], list[str]]
+    load_config: Callable[[str], Config]                      # preset name / config path / model dir
+    plan_config: Callable[[Any, Any], Config]                 # (spec, stage): before any data exists
+    model_config: Callable[[Any, Any, Path], Config]          # (spec, stage, data_dir): what is built
+    param_count: Callable[[Config], int]
+    build: Callable[[Config, int], Any]                       # (config, seed): the student's own init
+    config_of: Callable[[Any], Config]
+    load_export: Callable[[Path], Any]
+    export: Callable[[Any, dict, Path, Path], None]           # (model, state, data_dir, out)
+    # ---- objective
+    feature_dims: Callable[[Config], list[int]]               # one width per IFD feature stream
+    losses: Callable[[Any, Batch], tuple]                     # student: (task loss, [features])
+    features: Callable[[Any, Batch], list]                    # teacher: [features]
+    probe: Callable[[Any, Batch], Any]                        # outputs tests compare exports with
+    # ---- data and cost
+    prepare: Callable[[Any, Path], Path]                      # (spec, data_dir) -> prepared data dir
+    dataset: Callable[[Any, Path, str], Any]                  # (spec, data_dir, split): `.batch(idx)`
+    tokens_per_sample: Callable[[Any], int]
+    stage_macs: Callable[[Config, Config | None, Any, int], dict]   # one optimizer step
+    validate_chain: Callable[[Any], None]                     # config-level checks, one-line errors
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type.startswith("Callable") and not callable(v):
+                raise TypeError(f"family {self.name}: {f.name} is not callable")
