@@ -8,7 +8,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 # DeepSpeed's JIT-built CPU ops are cached per checkout (see tests/conftest.py).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: demo test setup slurm-deps clean bench
+.PHONY: demo test lint setup slurm-deps clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,9 @@ slurm-deps:
 
 demo: $(STAMP)
 	$(BIN)/compt-scale demo --out runs/demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test: $(STAMP) slurm-deps
 	$(BIN)/python -m pytest -q tests

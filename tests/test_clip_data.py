@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from compt_scale.config import DataSpec, parse_chain
+from compt_scale.config import ImageTextDataSpec, parse_chain
 from compt_scale.data.image_text import COLORS, ImageText, cell_of_phrase, prepare_image_text
 from compt_scale.errors import CompTError
 
@@ -31,7 +31,7 @@ def nearest_color(rgb) -> str:
 
 @pytest.fixture(scope="module")
 def shapes_dir(tmp_path_factory):
-    spec = DataSpec(corpus="shapes", num_samples=96, image_size=64)
+    spec = ImageTextDataSpec(corpus="shapes", num_samples=96, image_size=64)
     return prepare_image_text(spec, 32, tmp_path_factory.mktemp("shapes") / "data")
 
 
@@ -65,16 +65,16 @@ def test_captions_describe_the_pixels(shapes_dir):
 
 
 def test_preparation_is_deterministic(shapes_dir, tmp_path):
-    again = prepare_image_text(DataSpec(corpus="shapes", num_samples=96, image_size=64), 32, tmp_path / "a")
+    again = prepare_image_text(ImageTextDataSpec(corpus="shapes", num_samples=96, image_size=64), 32, tmp_path / "a")
     for f in ("train_images.u8", "train_tokens.i32", "val_images.u8", "val_tokens.i32", "val_captions.txt"):
         assert (again / f).read_bytes() == (shapes_dir / f).read_bytes(), f
     # A scene depends on its index only: a bigger dataset starts with the same pairs.
-    bigger = prepare_image_text(DataSpec(corpus="shapes", num_samples=200, image_size=64), 32, tmp_path / "b")
+    bigger = prepare_image_text(ImageTextDataSpec(corpus="shapes", num_samples=200, image_size=64), 32, tmp_path / "b")
     assert (bigger / "train_captions.txt").read_text().splitlines()[:72] == \
         (shapes_dir / "train_captions.txt").read_text().splitlines()
     # The same dir with another spec is refused, not silently reused.
     with pytest.raises(CompTError, match="different data spec"):
-        prepare_image_text(DataSpec(corpus="shapes", num_samples=97, image_size=64), 32, tmp_path / "a")
+        prepare_image_text(ImageTextDataSpec(corpus="shapes", num_samples=97, image_size=64), 32, tmp_path / "a")
 
 
 def test_batches_are_normalized_like_open_clip(shapes_dir):
@@ -98,7 +98,7 @@ def test_csv_files_through_datasets(tmp_path):
         rows.append(f"img/{i}.png\ta picture number {i}")
     csv = tmp_path / "pairs.csv"  # tab-separated, as open_clip's CsvDataset expects by default
     csv.write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
-    spec = DataSpec(corpus="files", paths=[str(csv)], image_field="filepath", text_field="title", image_size=32)
+    spec = ImageTextDataSpec(corpus="files", paths=[str(csv)], image_field="filepath", text_field="title", image_size=32)
     d = prepare_image_text(spec, 16, tmp_path / "data")
     meta = json.loads((d / "meta.json").read_text())
     assert meta["samples"]["train"] + meta["samples"]["val"] == 12
@@ -110,7 +110,7 @@ def test_csv_files_through_datasets(tmp_path):
     torch.testing.assert_close(images[0], expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens[0], open_clip.get_tokenizer("", context_length=16)([caption])[0])
 
-    bad = DataSpec(corpus="files", paths=[str(csv)], image_field="image", text_field="title")
+    bad = ImageTextDataSpec(corpus="files", paths=[str(csv)], image_field="image", text_field="title")
     with pytest.raises(CompTError, match=r"data.image_field: column 'image' not in"):
         prepare_image_text(bad, 16, tmp_path / "bad")
 
@@ -123,7 +123,7 @@ def _spec(**over):
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"data": {"corpus": "stdlib"}}, "data.corpus: open_clip trains on 'shapes' or 'files'"),
+    ({"data": {"corpus": "stdlib"}}, "data.corpus: must be 'shapes' or 'files', got 'stdlib'"),
     ({"data": {"corpus": "shapes", "image_size": 32}}, "stages[0].model: vision_cfg.image_size 64 differs"),
     ({"stages": [{"name": "a", "model": "clip-s", "tokens": 8}, {"name": "b", "model": "clip-xs", "tokens": 8}]},
      "stages[1].model: 'clip-xs' is not larger than its predecessor 'clip-s'"),

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from compt_scale.config import DataSpec
+from compt_scale.config import TextDataSpec
 from compt_scale.data.packed import PackedTokens, prepare_data, sample_indices
 from compt_scale.errors import CompTError
 
@@ -31,7 +31,7 @@ def write(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt"])
 def test_user_files_with_an_hf_tokenizer_dir(tmp_path, tiny_data, kind):
-    spec = DataSpec(corpus="files", paths=[str(write(tmp_path, kind))], text_field="body",
+    spec = TextDataSpec(corpus="files", paths=[str(write(tmp_path, kind))], text_field="body",
                     tokenizer=str(tiny_data / "tokenizer"), seq_len=32, val_fraction=0.1)
     out = prepare_data(spec, tmp_path / "data")
     meta = json.loads((out / "meta.json").read_text())
@@ -45,11 +45,11 @@ def test_user_files_with_an_hf_tokenizer_dir(tmp_path, tiny_data, kind):
     # A second call reuses the prepared dir; a different spec is refused rather than mixed up.
     assert prepare_data(spec, tmp_path / "data") == out
     with pytest.raises(CompTError, match="different data spec"):
-        prepare_data(DataSpec(**{**spec.__dict__, "seq_len": 64}), tmp_path / "data")
+        prepare_data(TextDataSpec(**{**spec.__dict__, "seq_len": 64}), tmp_path / "data")
 
 
 def test_missing_text_column_is_named(tmp_path, tiny_data):
-    spec = DataSpec(corpus="files", paths=[str(write(tmp_path, "jsonl"))], text_field="text",
+    spec = TextDataSpec(corpus="files", paths=[str(write(tmp_path, "jsonl"))], text_field="text",
                     tokenizer=str(tiny_data / "tokenizer"))
     with pytest.raises(CompTError, match="data.text_field: column 'text'"):
         prepare_data(spec, tmp_path / "data")

@@ -263,8 +263,6 @@ def _check_model(cfg: dict, spec, where: str, ctx0: tuple[int, str] | None) -> N
 def validate_chain(spec) -> None:
     """Config-level checks: presets exist, data fits the models, sizes grow, growth is possible."""
     from . import check_successor
-    if spec.data.corpus not in ("shapes", "files"):
-        raise CompTError(f"data.corpus: open_clip trains on 'shapes' or 'files', got {spec.data.corpus!r}")
     if spec.data.corpus == "files":
         for p in spec.data.paths:
             if Path(p).suffix not in (".csv", ".tsv"):

@@ -153,8 +153,6 @@ def probe(model, batch) -> torch.Tensor:
 def validate_chain(spec) -> None:
     """Config-level checks that need the family: presets exist, sizes grow, growth is possible."""
     from . import check_successor
-    if spec.data.corpus not in ("stdlib", "files"):
-        raise CompTError(f"data.corpus: decoders train on 'stdlib' or 'files', got {spec.data.corpus!r}")
     vocab = spec.data.vocab_size
     prev = None
     for i, stage in enumerate(spec.stages):

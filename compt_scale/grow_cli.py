@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import CompTError
-from .registry import DEPTH_OPS, WIDTH_OPS
+from .errors import CompTError
+from .grow.registry import DEPTH_OPS, WIDTH_OPS
 
 
 def register(subparsers) -> None:
@@ -59,8 +59,8 @@ def run(args) -> int:
 def _grow_hf(src: Path, args) -> dict:
     from transformers import AutoConfig
 
-    from ..families.hf_decoder import load_config
-    from .stream import grow_hf_checkpoint
+    from .families.hf_decoder import load_config
+    from .grow.stream import grow_hf_checkpoint
 
     src_cfg = AutoConfig.from_pretrained(src, local_files_only=True)
     t = Path(args.target)
@@ -75,7 +75,7 @@ def _grow_hf(src: Path, args) -> dict:
 
 
 def _grow_clip(src: Path, args) -> dict:
-    from ..families.clip import grow_open_clip_checkpoint, load_model_config
+    from .families.clip import grow_open_clip_checkpoint, load_model_config
 
     cfg_path = _clip_src_config(src, args.src_config)
     if not cfg_path.is_file():
