@@ -35,19 +35,23 @@ def _plan(args) -> int:
 
 
 def _is_clip(model: str, args) -> bool:
+    """Which family `model` names: a preset of either family, a config file, a model dir, or an
+    open_clip model name."""
     if args.captions is not None or args.image_size is not None:
         return True
+    from .resources import MODELS, resource
+    for family in ("hf_decoder", "open_clip"):
+        if (resource(MODELS, family) / f"{model}.json").is_file():
+            return family == "open_clip"
     p = Path(model)
     if p.suffix == ".json" and p.is_file():
         try:
-            return "vision_cfg" in json.loads(p.read_text())
+            cfg = json.loads(p.read_text())
         except json.JSONDecodeError:
             return False  # load_config reports the JSON error
+        return isinstance(cfg, dict) and "vision_cfg" in cfg.get("model_cfg", cfg)
     if p.exists():
-        return False
-    from .families.hf_decoder import preset_names
-    if model in preset_names():
-        return False
+        return (p / "open_clip_config.json").is_file()
     import open_clip
     return open_clip.get_model_config(model) is not None
 
