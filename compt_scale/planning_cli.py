@@ -11,6 +11,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="per-stage params, budgets and training MACs of a chain spec; "
                                            "fills budgets from budget: {baseline_tokens, target_speedup}")
     p.add_argument("spec", metavar="CHAIN.yaml")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="ranks per stage the steps are counted for (default: the spec's nproc)")
     p.set_defaults(func=_plan)
 
     p = subparsers.add_parser("macs", help="params and forward/training MACs per token or sample of a model")
@@ -30,7 +32,9 @@ def register(subparsers) -> None:
 def _plan(args) -> int:
     from .chain.planner import format_plan
     from .config import load_chain
-    print(format_plan(load_chain(args.spec)))
+    if args.nproc is not None and args.nproc < 1:
+        raise CompTError(f"--nproc must be >= 1, got {args.nproc}")
+    print(format_plan(load_chain(args.spec), args.nproc))
     return 0
 
 

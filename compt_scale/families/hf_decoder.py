@@ -102,8 +102,10 @@ def prepare(spec, data_dir: Path) -> Path:
 
 
 def plan_config(spec, stage) -> PretrainedConfig:
-    """The stage's config before any data exists (the planner's view): vocab from the spec."""
-    return load_config(stage.model, vocab_size=spec.data.vocab_size)
+    """The stage's config before any data exists (the planner's view), with the vocabulary the
+    prepared data will have."""
+    from ..data.packed import planned_vocab_size
+    return load_config(stage.model, vocab_size=planned_vocab_size(spec.data))
 
 
 def model_config(spec, stage, data_dir: Path) -> PretrainedConfig:
