@@ -14,9 +14,8 @@ from typing import Any
 import yaml
 
 from .errors import CompTError
+from .grow.ops import DEPTH_OPS, WIDTH_OPS
 
-WIDTH_OPS = ("insert", "clone")
-DEPTH_OPS = ("duplicate", "stack", "zero")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..errors import CompTError
-from .registry import DEPTH_OPS, WIDTH_OPS
+from .ops import DEPTH_OPS, WIDTH_OPS
 
 
 def register(subparsers) -> None:

@@ -14,9 +14,7 @@ import torch
 
 from ..errors import CompTError
 from .axes import CLONE_FIXED_KINDS, CLONED_KINDS, Source, TensorSpec, factor_sizes, kind, parse_spec, place
-
-WIDTH_OPS = ("insert", "clone")
-DEPTH_OPS = ("duplicate", "stack", "zero")
+from .ops import DEPTH_OPS, WIDTH_OPS
 
 
 @dataclass
