@@ -13,6 +13,8 @@ from compt_scale.config import load_chain
 from compt_scale.data.packed import PackedTokens
 from conftest import run_cli, write_spec
 
+pytestmark = [pytest.mark.slow]
+
 
 def check_export(stage_dir, data_dir, seq_len=32):
     """The export loads with plain transformers and gives the trained engine's logits."""
@@ -31,6 +33,7 @@ def metrics(stage_dir):
     return [json.loads(l) for l in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.dist
 def test_three_stage_chain_zero3_on_two_ranks(tmp_path, tiny_data):
     tok = 20 * 2 * 2 * 32  # 20 steps of micro-batch 2 on 2 ranks
     spec = write_spec(tmp_path / "z3.yaml", [
