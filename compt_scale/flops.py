@@ -43,9 +43,8 @@ def _decoder_shape(config) -> tuple[int, int]:
     every HF decoder architecture (biases, GQA, fused qkv, tied heads) is handled without a table."""
     key = config.to_json_string()
     if key not in _DECODER_CACHE:
-        from transformers import AutoModelForCausalLM
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        from .meta import meta_decoder
+        model = meta_decoder(config)
         params = sum(p.numel() for p in model.parameters())  # tied weights counted once
         per_token = 0
         for m in model.modules():
@@ -164,6 +163,11 @@ def clip_macs(model, image_size=None, captions: int = 4) -> dict:
         "captions": captions,
         "image_size": (ih, iw),
     }
+
+
+def decoder_param_count(config) -> int:
+    """Parameters of an HF decoder (tied weights once), from the cached meta-device build."""
+    return _decoder_shape(config)[0]
 
 
 def clip_param_count(cfg: dict, image_size) -> int:

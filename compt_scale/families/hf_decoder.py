@@ -55,9 +55,8 @@ def num_heads(config: PretrainedConfig) -> int:
 
 
 def param_count(config: PretrainedConfig) -> int:
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    from ..flops import decoder_param_count
+    return decoder_param_count(config)
 
 
 def build(config: PretrainedConfig, seed: int) -> torch.nn.Module:
