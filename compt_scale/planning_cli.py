@@ -31,10 +31,10 @@ def register(subparsers) -> None:
 
 def _plan(args) -> int:
     from .chain.planner import format_plan
-    from .config import load_chain
+    from .chain.resolve import load_resolved
     if args.nproc is not None and args.nproc < 1:
         raise CompTError(f"--nproc must be >= 1, got {args.nproc}")
-    print(format_plan(load_chain(args.spec), args.nproc))
+    print(format_plan(load_resolved(args.spec), args.nproc))
     return 0
 
 

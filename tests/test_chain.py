@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compt_scale.chain.planner import plan_rows
-from compt_scale.config import load_chain
+from compt_scale.chain.resolve import load_resolved as load_chain
 from compt_scale.data.packed import PackedTokens
 from conftest import run_cli, write_spec
 

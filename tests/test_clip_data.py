@@ -10,9 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from compt_scale.config import DataSpec, parse_chain
+from compt_scale.chain.resolve import resolve
+from compt_scale.config import DataSpec
+from compt_scale.config import parse_chain as parse_only
 from compt_scale.data.image_text import COLORS, ImageText, cell_of_phrase, prepare_image_text
 from compt_scale.errors import CompTError
+
+
+def parse_chain(raw):
+    return resolve(parse_only(raw))
+
 
 OBJECT = re.compile(r"a (small|large) (\w+) (circle|square|triangle|star) "
                     r"((?:at|on|in) the (?:top|bottom|left|right|center)(?: left| right)?)")

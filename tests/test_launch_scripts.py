@@ -177,7 +177,7 @@ echo "JobId=$4 $line"
 
 def test_resubmission_skips_done_keeps_queued_and_replaces_stale_jobs(tmp_path, monkeypatch):
     """Re-running `--submit` against fake sbatch/scontrol/scancel (the logic, not SLURM itself)."""
-    from compt_scale.config import load_chain
+    from compt_scale.chain.resolve import load_resolved as load_chain
     from compt_scale.launch.slurm import SlurmOptions, submit, write_scripts
     for name, text in FAKE_SLURM.items():
         (tmp_path / name).write_text(text)
