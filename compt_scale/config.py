@@ -17,7 +17,6 @@ from .errors import CompTError
 from .grow.ops import DEPTH_OPS, WIDTH_OPS
 
 
-
 @dataclass
 class DataSpec:
     corpus: str = "stdlib"            # decoders: "stdlib" (Python's own source + docs) or "files";

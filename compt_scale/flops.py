@@ -27,7 +27,6 @@ ATTN_RECOMPUTE x attention-forward to C_b. With eager attention (probabilities s
 """
 from __future__ import annotations
 
-
 import torch
 
 from .errors import CompTError

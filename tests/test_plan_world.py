@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compt_scale.chain.planner import plan_rows
-from compt_scale.cli import main
 from compt_scale.chain.resolve import load_resolved as load_chain
+from compt_scale.cli import main
 from compt_scale.data.packed import prepare_data
 from compt_scale.families import get_family
 from conftest import run_cli, write_spec

@@ -70,8 +70,8 @@ def grow_open_clip_checkpoint(src_path, src_cfg: dict, tgt_cfg: dict, out_dir, w
     source and target in memory; the student's init is open_clip's own (seeded)."""
     from safetensors.torch import save_file
 
-    from ..grow.registry import check_growable, grow_state
     from ..files import atomic_dir
+    from ..grow.registry import check_growable, grow_state
 
     check_growable(src_cfg, tgt_cfg, width, depth)
     src = load_state(src_path)

@@ -26,6 +26,7 @@ from ..errors import CompTError, read_json
 from ..grow.layouts.open_clip import check_supported
 from .clip import PRESET_DIR, preset_names  # noqa: F401  (part of the family's interface)
 from .clip import load_model_config as load_config
+
 SIMPLE_TOKENIZER_VOCAB = 49408
 MAX_LOGIT_SCALE = 100.0      # open_clip training clamps exp(logit_scale) to 100
 CONFIG_ATTR = "compt_open_clip_cfg"
