@@ -42,6 +42,7 @@ def shapes_dir(tmp_path_factory):
     return prepare_image_text(spec, 32, tmp_path_factory.mktemp("shapes") / "data")
 
 
+@pytest.mark.slow
 def test_captions_describe_the_pixels(shapes_dir):
     meta = json.loads((shapes_dir / "meta.json").read_text())
     assert meta["samples"] == {"train": 72, "val": 24} and meta["context_length"] == 32
