@@ -8,7 +8,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 # DeepSpeed's JIT-built CPU ops are cached per checkout (see tests/conftest.py).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: demo test lint setup slurm-deps clean bench
+.PHONY: demo test test-fast lint setup slurm-deps clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 test: $(STAMP) slurm-deps
 	$(BIN)/python -m pytest -q tests
+
+# The fast tier (< 2 min): no multi-process, SLURM or slow tests.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not slurm and not dist" tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/grow.py

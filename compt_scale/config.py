@@ -14,9 +14,7 @@ from typing import Any, ClassVar
 import yaml
 
 from .errors import CompTError
-
-WIDTH_OPS = ("insert", "clone")
-DEPTH_OPS = ("duplicate", "stack", "zero")
+from .grow.ops import DEPTH_OPS, WIDTH_OPS
 
 
 @dataclass
@@ -366,13 +364,8 @@ def validate_chain(spec: ChainSpec) -> None:
             if s.tokens is None:
                 where = f"stages[{i}]" if i < len(spec.stages) else f"baselines[{i - len(spec.stages)}]"
                 raise CompTError(f"{where}.tokens: missing budget (give tokens, or a top-level budget:)")
-    # Model-level checks (presets exist, each successor larger, head_dim divisibility, vocab) need the
-    # family; they live there so a new family brings its own rules.
-    from .families import get_family
-    get_family(spec.family).validate_chain(spec)
-    if spec.budget is not None:
-        from .chain.planner import fill_budgets
-        fill_budgets(spec)
+    # Model-level checks (presets exist, each successor larger, head_dim divisibility, vocab) and
+    # budget filling are the chain step compt_scale.chain.resolve, run by every command before use.
 
 
 def load_chain(path: str | Path) -> ChainSpec:

@@ -27,10 +27,9 @@ ATTN_RECOMPUTE x attention-forward to C_b. With eager attention (probabilities s
 """
 from __future__ import annotations
 
-
 import torch
 
-from .errors import CompTError, read_json
+from .errors import CompTError
 
 ADAMW_UPDATE_MACS_PER_PARAM = 3
 ATTN_RECOMPUTE = 0.5  # extra backward MACs of fused SDPA, as a fraction of attention's forward MACs
@@ -43,9 +42,8 @@ def _decoder_shape(config) -> tuple[int, int]:
     every HF decoder architecture (biases, GQA, fused qkv, tied heads) is handled without a table."""
     key = config.to_json_string()
     if key not in _DECODER_CACHE:
-        from transformers import AutoModelForCausalLM
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        from .meta import meta_decoder
+        model = meta_decoder(config)
         params = sum(p.numel() for p in model.parameters())  # tied weights counted once
         per_token = 0
         for m in model.modules():
@@ -107,22 +105,6 @@ def stage_macs(student_config, teacher_config, seq_len: int, tokens: int, steps:
 
 # ------------------------------------------------------------------ CLIP (open_clip ViT towers)
 
-def load_clip_config(model) -> dict:
-    """An open_clip model config dict from a dict, a config .json path, or a model name."""
-    if isinstance(model, dict):
-        cfg = model
-    elif str(model).endswith(".json"):
-        cfg = read_json(model, "CLIP model config")
-    else:
-        import open_clip
-        cfg = open_clip.get_model_config(str(model))
-        if cfg is None:
-            raise CompTError(f"{model!r}: not an open_clip model name and not a config .json")
-    if "vision_cfg" not in cfg or "text_cfg" not in cfg or "embed_dim" not in cfg:
-        raise CompTError("CLIP config needs embed_dim, vision_cfg and text_cfg")
-    return cfg
-
-
 def _tower_layer(width: int, mlp_ratio: float, tokens: int) -> tuple[int, int]:
     """(all MACs, attention-matmul MACs) of one open_clip ResidualAttentionBlock on `tokens` tokens:
     qkv + out proj (4 W^2) and MLP (2 W x mlp) per token, and attention's QK^T and AV (2 tokens W)."""
@@ -137,7 +119,8 @@ def clip_macs(model, image_size=None, captions: int = 4) -> dict:
     Supports open_clip's own ViT image tower and text transformer (not timm/HF towers, not ResNets,
     not attentional pooling); patch dropout is assumed off.
     """
-    cfg = load_clip_config(model)
+    from .families.clip import load_model_config
+    cfg = load_model_config(model)
     v, t, embed = dict(cfg["vision_cfg"]), dict(cfg["text_cfg"]), int(cfg["embed_dim"])
     if captions < 1:
         raise CompTError(f"--captions must be >= 1, got {captions}")
@@ -179,6 +162,11 @@ def clip_macs(model, image_size=None, captions: int = 4) -> dict:
         "captions": captions,
         "image_size": (ih, iw),
     }
+
+
+def decoder_param_count(config) -> int:
+    """Parameters of an HF decoder (tied weights once), from the cached meta-device build."""
+    return _decoder_shape(config)[0]
 
 
 def clip_param_count(cfg: dict, image_size) -> int:

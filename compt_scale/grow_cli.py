@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from .errors import CompTError
-from .grow.registry import DEPTH_OPS, WIDTH_OPS
+from .grow.ops import DEPTH_OPS, WIDTH_OPS
 
 
 def register(subparsers) -> None:

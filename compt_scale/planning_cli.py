@@ -11,6 +11,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("plan", help="per-stage params, budgets and training MACs of a chain spec; "
                                            "fills budgets from budget: {baseline_tokens, target_speedup}")
     p.add_argument("spec", metavar="CHAIN.yaml")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="ranks per stage the steps are counted for (default: the spec's nproc)")
     p.set_defaults(func=_plan)
 
     p = subparsers.add_parser("macs", help="params and forward/training MACs per token or sample of a model")
@@ -29,25 +31,31 @@ def register(subparsers) -> None:
 
 def _plan(args) -> int:
     from .chain.planner import format_plan
-    from .config import load_chain
-    print(format_plan(load_chain(args.spec)))
+    from .chain.resolve import load_resolved
+    if args.nproc is not None and args.nproc < 1:
+        raise CompTError(f"--nproc must be >= 1, got {args.nproc}")
+    print(format_plan(load_resolved(args.spec), args.nproc))
     return 0
 
 
 def _is_clip(model: str, args) -> bool:
+    """Which family `model` names: a preset of either family, a config file, a model dir, or an
+    open_clip model name."""
     if args.captions is not None or args.image_size is not None:
         return True
+    from .resources import MODELS, resource
+    for family in ("hf_decoder", "open_clip"):
+        if (resource(MODELS, family) / f"{model}.json").is_file():
+            return family == "open_clip"
     p = Path(model)
     if p.suffix == ".json" and p.is_file():
         try:
-            return "vision_cfg" in json.loads(p.read_text())
+            cfg = json.loads(p.read_text())
         except json.JSONDecodeError:
             return False  # load_config reports the JSON error
+        return isinstance(cfg, dict) and "vision_cfg" in cfg.get("model_cfg", cfg)
     if p.exists():
-        return False
-    from .families.hf_decoder import preset_names
-    if model in preset_names():
-        return False
+        return (p / "open_clip_config.json").is_file()
     import open_clip
     return open_clip.get_model_config(model) is not None
 

@@ -21,6 +21,13 @@ TINY_TRAIN = {"micro_batch_size": 4, "eval_every": 5, "eval_batches": 2, "save_e
               "warmup_steps": 2, "lr": 3.0e-3}
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that uses the SLURM cluster is a `slurm` test, marked or not."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A prepared data dir (SentencePiece tokenizer + packed memmaps) built once from the stdlib corpus."""

@@ -9,9 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compt_scale.chain.planner import plan_rows
-from compt_scale.config import load_chain
+from compt_scale.chain.resolve import load_resolved as load_chain
 from compt_scale.data.packed import PackedTokens
 from conftest import run_cli, write_spec
+
+pytestmark = [pytest.mark.slow]
 
 
 def check_export(stage_dir, data_dir, seq_len=32):
@@ -31,6 +33,7 @@ def metrics(stage_dir):
     return [json.loads(l) for l in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.dist
 def test_three_stage_chain_zero3_on_two_ranks(tmp_path, tiny_data):
     tok = 20 * 2 * 2 * 32  # 20 steps of micro-batch 2 on 2 ranks
     spec = write_spec(tmp_path / "z3.yaml", [

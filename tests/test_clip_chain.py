@@ -16,6 +16,8 @@ from PIL import Image
 from compt_scale.data.image_text import ImageText
 from conftest import run_cli
 
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
 # One thread per rank: on a shared 2-core machine OpenMP's spinning threads make small ops ~20x
 # slower under contention.
 ENV = {"OMP_NUM_THREADS": "1"}

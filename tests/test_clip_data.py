@@ -10,9 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from compt_scale.config import ImageTextDataSpec, parse_chain
+from compt_scale.chain.resolve import resolve
+from compt_scale.config import ImageTextDataSpec
+from compt_scale.config import parse_chain as parse_only
 from compt_scale.data.image_text import COLORS, ImageText, cell_of_phrase, prepare_image_text
 from compt_scale.errors import CompTError
+
+
+def parse_chain(raw):
+    return resolve(parse_only(raw))
+
 
 OBJECT = re.compile(r"a (small|large) (\w+) (circle|square|triangle|star) "
                     r"((?:at|on|in) the (?:top|bottom|left|right|center)(?: left| right)?)")
@@ -35,6 +42,7 @@ def shapes_dir(tmp_path_factory):
     return prepare_image_text(spec, 32, tmp_path_factory.mktemp("shapes") / "data")
 
 
+@pytest.mark.slow
 def test_captions_describe_the_pixels(shapes_dir):
     meta = json.loads((shapes_dir / "meta.json").read_text())
     assert meta["samples"] == {"train": 72, "val": 24} and meta["context_length"] == 32

@@ -123,6 +123,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
 
 
 
+@pytest.mark.slow
 def test_deepspeed_initialize_accepts_presets_on_cpu(tmp_path):
     """A real 1-rank gloo engine per preset: ZeRO 0/1/2/3/3+offload, fp32 and bf16, each takes steps."""
     cases = [

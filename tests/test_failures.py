@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import run_cli, write_spec
+
+pytestmark = [pytest.mark.slow]
 
 
 def last_line(proc):

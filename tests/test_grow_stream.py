@@ -107,6 +107,7 @@ MEM_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_stream_peak_memory_near_one_tensor(tmp_path):
     """A ~320 MB target whose largest tensor is 8 MB: peak RSS grows by the largest tensor plus a
     constant working set (4 MiB blocks, allocator slack), measured ~35 MB, not by the model size."""

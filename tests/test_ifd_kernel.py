@@ -18,6 +18,7 @@ from compt_scale.kernels import IFDProjection, fused_ifd_loss
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_triton_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
@@ -90,6 +91,7 @@ def test_projection_identity_init_flattens_and_trains():
     assert IFDProjection(6, 6, bias=False).bias is None
 
 
+@pytest.mark.slow
 def test_benchmark_cpu_smoke(tmp_path):
     """The benchmark script itself (GPU figures are only produced on a GPU machine)."""
     out = tmp_path / "bench.json"

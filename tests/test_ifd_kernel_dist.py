@@ -15,9 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from compt_scale.train.distributed import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 N_SPLIT = (23, 18)
 D_IN, D_S, D_T, ALPHA, LR = 12, 20, 14, 0.7, 0.1

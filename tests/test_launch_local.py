@@ -8,6 +8,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import REPO
 from slurm_cluster import PREEMPT_STEPS, last_step, read_metrics, train_losses
 
@@ -15,6 +17,8 @@ from slurm_cluster import PREEMPT_STEPS, last_step, read_metrics, train_losses
 # imported per module, which would start one per module).
 
 from compt_scale.chain.manifest import Manifest
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 
 def test_torchrun_launcher_usr1_checkpoints_exits_99_and_resumes_to_same_losses(tmp_path, preempt_reference):

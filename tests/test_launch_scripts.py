@@ -23,6 +23,9 @@ from compt_scale.chain.manifest import Manifest
 from compt_scale.launch.hostlist import expand
 from compt_scale.launch.torchrun import PREEMPTED, exit_code_of
 
+# Every test runs the CLI or bash scripts in subprocesses (the `scripts` fixture alone takes ~30 s).
+pytestmark = [pytest.mark.slow]
+
 FAKE_ALLOC = {"SLURM_JOB_NODELIST": "node[01-03]", "SLURM_NNODES": "3", "SLURM_JOB_ID": "4242",
               "COMPT_DRY_RUN": "1"}
 
@@ -144,6 +147,7 @@ sys.exit(0)
 """
 
 
+@pytest.mark.dist
 def test_torchrun_wrapper_forwards_usr1_to_every_worker_and_keeps_99(tmp_path):
     (tmp_path / "w.py").write_text(WORKER)
     env = {**os.environ, "MARK": str(tmp_path), "HANDLER_DELAY": "3"}
@@ -177,7 +181,7 @@ echo "JobId=$4 $line"
 
 def test_resubmission_skips_done_keeps_queued_and_replaces_stale_jobs(tmp_path, monkeypatch):
     """Re-running `--submit` against fake sbatch/scontrol/scancel (the logic, not SLURM itself)."""
-    from compt_scale.config import load_chain
+    from compt_scale.chain.resolve import load_resolved as load_chain
     from compt_scale.launch.slurm import SlurmOptions, submit, write_scripts
     for name, text in FAKE_SLURM.items():
         (tmp_path / name).write_text(text)

@@ -1,11 +1,12 @@
-"""The IFD term of the CoM-PT objective: present, with gradients to the student and to T, none to the teacher."""
+"""The IFD term of the CoM-PT objective: present, with gradients to the student and to T, none to the
+teacher. Alpha calibration is checked against a hand-computed ratio in test_oracles.py."""
 from __future__ import annotations
 
 import torch
 
 from compt_scale.families import hf_decoder
 from compt_scale.kernels import IFDProjection
-from compt_scale.train.objective import FrozenTeacher, StudentWithIFD, calibrate_alpha
+from compt_scale.train.objective import FrozenTeacher, StudentWithIFD
 
 
 def tiny(preset, seed):
@@ -38,12 +39,3 @@ def test_without_teacher_the_objective_is_the_task_loss():
     ref = torch.nn.functional.cross_entropy(student(input_ids=x).logits.reshape(-1, 128), x.reshape(-1))
     assert ifd.item() == 0 and torch.allclose(task, ref)
 
-
-def test_auto_alpha_makes_ifd_a_fixed_fraction_of_the_task_loss():
-    teacher = FrozenTeacher(hf_decoder, tiny("llama-xs", 0), torch.float32, torch.device("cpu"))
-    module = StudentWithIFD(hf_decoder, tiny("llama-s", 1), [IFDProjection(128, 64, init="default")])
-    batches = [(torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))) for _ in range(2)]
-    alpha = calibrate_alpha(module, teacher, batches, ratio=0.1)
-    task = sum(module(b)[0].item() for b in batches)
-    ifd = sum(module(b, teacher.features(b), alpha=alpha)[1].item() for b in batches)
-    assert abs(ifd / task - 0.1) < 1e-3

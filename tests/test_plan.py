@@ -6,9 +6,14 @@ import yaml
 
 from compt_scale.chain import planner
 from compt_scale.chain.planner import fill_budgets, format_plan, plan_rows, plan_summary
+from compt_scale.chain.resolve import resolve
 from compt_scale.cli import main
-from compt_scale.config import parse_chain
+from compt_scale.config import parse_chain as parse_only
 from compt_scale.errors import CompTError
+
+
+def parse_chain(raw):
+    return resolve(parse_only(raw))
 
 
 def spec_raw(**extra):

@@ -8,7 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO, run_cli, write_spec
+
+pytestmark = [pytest.mark.slow]
 
 STEPS = 100
 

@@ -10,6 +10,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import pytest
+
 from conftest import run_cli, write_spec
 from slurm_cluster import last_step, read_metrics, train_losses
 
@@ -18,6 +20,8 @@ from slurm_cluster import last_step, read_metrics, train_losses
 pytest_plugins = ["slurm_cluster"]
 
 from compt_scale.chain.manifest import Manifest
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 TWO_STAGES = [{"name": "s1", "model": "llama-xs", "tokens": 10 * 4 * 32},
               {"name": "s2", "model": "llama-s", "tokens": 10 * 4 * 32}]

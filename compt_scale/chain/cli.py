@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import load_chain
 from ..resources import CHAINS, resource
 
 DEMO_SPEC = resource(CHAINS, "demo.yaml")
@@ -32,8 +31,9 @@ def register(sub) -> None:
 
 
 def _chain(spec_path: Path, out: Path, resume: bool, nproc=None, baselines=True) -> int:
+    from .resolve import load_resolved
     from .runner import run_chain
-    spec = load_chain(spec_path)
+    spec = load_resolved(spec_path)
     run_chain(spec, spec_path, out, resume=resume, include_baselines=baselines, nproc=nproc)
     from ..report import report_table, write_report
     print(report_table(out))
@@ -50,7 +50,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_stage(args) -> int:
+    from .resolve import load_resolved
     from .stage import run_stage
-    spec = load_chain(args.spec)
+    spec = load_resolved(args.spec)
     run_stage(spec, args.stage, args.out, resume=args.resume)
     return 0

@@ -23,26 +23,30 @@ def _config(spec, stage):
     return cache[stage.model]
 
 
-def _samples_per_step(spec, stage) -> int:
+def samples_per_step(spec, stage, world: int | None = None) -> int:
+    """Samples in one optimizer step of `stage` on `world` ranks (default: the spec's nproc). The
+    stage runner counts its steps with this same function."""
     t = spec.train_for(stage)
-    return t.micro_batch_size * t.grad_accum * spec.nproc
+    return t.micro_batch_size * t.grad_accum * (spec.nproc if world is None else world)
 
 
-def tokens_per_step(spec, stage) -> int:
+def tokens_per_step(spec, stage, world: int | None = None) -> int:
     """Budget units (decoders: tokens; CLIP: image-caption pairs) consumed by one optimizer step."""
-    return _samples_per_step(spec, stage) * get_family(spec.family).tokens_per_sample(spec)
+    return samples_per_step(spec, stage, world) * get_family(spec.family).tokens_per_sample(spec)
 
 
-def steps_for(spec, stage, tokens: int) -> int:
-    return math.ceil(tokens / tokens_per_step(spec, stage))
+def steps_for(spec, stage, tokens: int, world: int | None = None) -> int:
+    """Optimizer steps that cover `tokens` (at least one)."""
+    return max(1, math.ceil(tokens / tokens_per_step(spec, stage, world)))
 
 
-def stage_cost(spec, stage, tokens: int, teacher=None) -> dict:
+def stage_cost(spec, stage, tokens: int, teacher=None, world: int | None = None) -> dict:
     """stage_macs for `stage` trained on `tokens` (teacher: the predecessor StageSpec, or None)."""
     t_cfg = _config(spec, teacher) if teacher is not None else None
     # The family's per-step cost (the stage runner's own accounting) times the number of steps.
-    per_step = get_family(spec.family).stage_macs(_config(spec, stage), t_cfg, spec, _samples_per_step(spec, stage))
-    steps = steps_for(spec, stage, tokens)
+    per_step = get_family(spec.family).stage_macs(_config(spec, stage), t_cfg, spec,
+                                                  samples_per_step(spec, stage, world))
+    steps = steps_for(spec, stage, tokens, world)
     return {k: v * steps for k, v in per_step.items() if k in ("train_macs", "teacher_macs", "macs")}
 
 
@@ -119,8 +123,9 @@ def _check_tokens(spec) -> None:
                 raise CompTError(f"{kind}[{i}].tokens: missing budget (give tokens, or a top-level budget:)")
 
 
-def plan_rows(spec) -> list[dict]:
-    """One dict per chain stage (kind 'chain') then per baseline (kind 'baseline').
+def plan_rows(spec, world: int | None = None) -> list[dict]:
+    """One dict per chain stage (kind 'chain') then per baseline (kind 'baseline'), as `stage` runs
+    them on `world` ranks (default: the spec's nproc; budgets are filled for the spec's nproc).
 
     Chain rows: name, model, params, ratio (params / predecessor's params, None first), tokens, steps,
     train_macs, teacher_macs, macs, accumulated_macs, warnings. Baseline rows: the same without ratio
@@ -135,23 +140,23 @@ def plan_rows(spec) -> list[dict]:
     for i, st in enumerate(spec.stages):
         teacher = teacher_of(spec, i)
         params = param_count(_config(spec, st))
-        cost = stage_cost(spec, st, st.tokens, teacher)
+        cost = stage_cost(spec, st, st.tokens, teacher, world)
         acc += cost["macs"]
         ratio = params / prev_params if prev_params else None
         warnings = []
         if ratio is not None and not 2.0 <= ratio <= 4.0:
             warnings.append(f"expansion ratio {ratio:.2f}x from {spec.stages[i - 1].name!r} is outside the paper's "
                             f"2x-4x (rule 2)")
-        steps = steps_for(spec, st, st.tokens)
+        steps = steps_for(spec, st, st.tokens, world)
         if steps <= spec.train_for(st).warmup_steps:
             warnings.append(f"{steps} steps do not get past warmup ({spec.train_for(st).warmup_steps} steps)")
         rows.append(dict(kind="chain", name=st.name, model=st.model, params=params, ratio=ratio,
                          tokens=st.tokens, steps=steps, **cost, accumulated_macs=acc, warnings=warnings))
         prev_params = params
     for st in spec.baselines:
-        cost = stage_cost(spec, st, st.tokens)
+        cost = stage_cost(spec, st, st.tokens, world=world)
         rows.append(dict(kind="baseline", name=st.name, model=st.model, params=param_count(_config(spec, st)),
-                         ratio=None, tokens=st.tokens, steps=steps_for(spec, st, st.tokens), **cost,
+                         ratio=None, tokens=st.tokens, steps=steps_for(spec, st, st.tokens, world), **cost,
                          accumulated_macs=None, warnings=[]))
     return rows
 
@@ -185,14 +190,15 @@ def plan_summary(spec, rows: list[dict] | None = None) -> dict:
     return out
 
 
-def format_plan(spec) -> str:
-    """The `compt-scale plan` table."""
-    rows = plan_rows(spec)
+def format_plan(spec, world: int | None = None) -> str:
+    """The `compt-scale plan` table for `world` ranks per stage (default: the spec's nproc)."""
+    rows = plan_rows(spec, world)
     s = plan_summary(spec, rows)
     head = f"{'stage':<14}{'model':<16}{'params':>10}{'ratio':>8}{'tokens':>14}{'steps':>8}" \
            f"{'train MACs':>12}{'teacher':>10}{'MACs':>10}{'accum.':>10}"
     unit = f"budgets in {get_family(spec.family).budget_unit}"
-    lines = [f"chain {spec.name!r}: {len(spec.stages)} stages, {unit}", head, "-" * len(head)]
+    ranks = spec.nproc if world is None else world
+    lines = [f"chain {spec.name!r}: {len(spec.stages)} stages, {unit}, {ranks} rank(s) per stage", head, "-" * len(head)]
     for r in rows:
         if r["kind"] == "baseline" and lines[-1] != "-- independent baselines":
             lines.append("-- independent baselines")

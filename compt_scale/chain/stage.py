@@ -18,17 +18,12 @@ from ..errors import EXIT_PREEMPTED, CompTError
 from ..families import get_family
 from ..train.distributed import device, init_distributed
 from .manifest import Manifest
+from .planner import samples_per_step as samples_per_step_of
+from .planner import steps_for
 
 
 def data_dir_for(spec: ChainSpec, out: Path) -> Path:
     return Path(spec.data.cache_dir) if spec.data.cache_dir else out / "data"
-
-
-def steps_for(spec: ChainSpec, name: str, world: int) -> int:
-    stage = spec.stage(name)
-    t = spec.train_for(stage)
-    per_step = t.micro_batch_size * t.grad_accum * world * get_family(spec.family).tokens_per_sample(spec)
-    return max(1, -(-stage.tokens // per_step))
 
 
 def load_teacher(spec: ChainSpec, name: str, out: Path):
@@ -106,8 +101,8 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
             teacher = FrozenTeacher(family, teacher_model, dtype, device())
             heads = [IFDProjection(d_s, d_t) for d_s, d_t in zip(family.feature_dims(cfg), family.feature_dims(t_cfg))]
     n_params = sum(p.numel() for p in student.parameters())
-    steps = steps_for(spec, name, world)
-    samples_per_step = train.micro_batch_size * train.grad_accum * world
+    steps = steps_for(spec, stage, stage.tokens, world)
+    samples_per_step = samples_per_step_of(spec, stage, world)
     macs = family.stage_macs(cfg, teacher.config if teacher else None, spec, samples_per_step)
     ds_config = build_ds_config(n_params, train, world)
     if rank == 0:

@@ -69,6 +69,15 @@ def _tokenize_to(ds, tok, path: Path, dtype) -> int:
     return n
 
 
+def planned_vocab_size(data) -> int:
+    """The vocabulary `prepare_data` will record: data.vocab_size for a tokenizer trained here, the
+    length of an HF tokenizer dir's tokenizer otherwise (its added tokens included)."""
+    if data.tokenizer == "train":
+        return data.vocab_size
+    from transformers import AutoTokenizer
+    return len(AutoTokenizer.from_pretrained(data.tokenizer))
+
+
 def prepare_data(data, out: Path) -> Path:
     """Build (or reuse) the prepared data dir for a DataSpec. Safe to call from every rank."""
     # Only what shapes the token stream: a new unrelated DataSpec field must not invalidate caches.

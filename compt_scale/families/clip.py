@@ -2,32 +2,47 @@
 The towers' growth layout is growth data: compt_scale/grow/layouts/open_clip.py."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
 
 from ..errors import CompTError, read_json
-from ..grow.layouts.open_clip import check_supported
+from ..resources import MODELS, resource
+
+PRESET_DIR = resource(MODELS, "open_clip")
 
 # ---------------------------------------------------------------- checkpoints
 
-def load_model_config(spec: str) -> dict:
-    """An open_clip model config from a JSON file (raw, or HF-hub style {"model_cfg": ...}) or a
-    built-in open_clip model name (config only: nothing is downloaded)."""
-    p = Path(spec)
-    if p.is_dir():
-        p = p / "open_clip_config.json"
-    if p.suffix == ".json":
-        raw = read_json(p, "open_clip model config")
-        raw = raw.get("model_cfg", raw)
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_model_config(model) -> dict:
+    """The one open_clip model-config loader: a dict, a preset name, a JSON file (raw, or HF-hub
+    style {"model_cfg": ...}), an export dir, or a built-in open_clip model name (config only:
+    nothing is downloaded). Returns a fresh dict the caller may edit."""
+    if isinstance(model, dict):
+        raw = model
     else:
-        import open_clip
-        raw = open_clip.get_model_config(spec)
-        if raw is None:
-            raise CompTError(f"{spec!r}: not an open_clip model config file or model name")
-    check_supported(raw)
-    return raw
+        p = Path(model)
+        if p.is_dir():
+            p = p / "open_clip_config.json"
+        elif p.suffix != ".json" and (PRESET_DIR / f"{model}.json").is_file():
+            p = PRESET_DIR / f"{model}.json"
+        if p.suffix == ".json":
+            raw = read_json(p, "open_clip model config")
+            raw = raw.get("model_cfg", raw)
+        else:
+            import open_clip
+            raw = open_clip.get_model_config(str(model))
+            if raw is None:
+                raise CompTError(f"model {model!r}: no such preset (presets: {', '.join(preset_names())}), "
+                                 "not a model-config .json and not an open_clip model name")
+    if not isinstance(raw, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(raw):
+        raise CompTError("open_clip model config needs embed_dim, vision_cfg and text_cfg")
+    return copy.deepcopy(raw)
 
 
 def build(cfg: dict, seed: int = 0) -> torch.nn.Module:
@@ -55,8 +70,8 @@ def grow_open_clip_checkpoint(src_path, src_cfg: dict, tgt_cfg: dict, out_dir, w
     source and target in memory; the student's init is open_clip's own (seeded)."""
     from safetensors.torch import save_file
 
-    from ..grow.registry import check_growable, grow_state
     from ..files import atomic_dir
+    from ..grow.registry import check_growable, grow_state
 
     check_growable(src_cfg, tgt_cfg, width, depth)
     src = load_state(src_path)

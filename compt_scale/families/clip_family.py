@@ -24,33 +24,13 @@ import torch.distributed as dist
 
 from ..errors import CompTError, read_json
 from ..grow.layouts.open_clip import check_supported
-from ..resources import MODELS, resource
 from .base import Family
-from .clip import load_model_config
+from .clip import PRESET_DIR, preset_names  # noqa: F401  (part of the family's interface)
+from .clip import load_model_config as load_config
 
-PRESET_DIR = resource(MODELS, "open_clip")
 SIMPLE_TOKENIZER_VOCAB = 49408
 MAX_LOGIT_SCALE = 100.0      # open_clip training clamps exp(logit_scale) to 100
 CONFIG_ATTR = "compt_open_clip_cfg"
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-
-
-def load_config(model: str) -> dict:
-    """Resolve a preset name / JSON path / export dir / open_clip model name to a model-config dict."""
-    p = Path(model)
-    if p.is_dir() or p.suffix == ".json":
-        return copy.deepcopy(load_model_config(str(p)))
-    preset = PRESET_DIR / f"{model}.json"
-    if preset.is_file():
-        return copy.deepcopy(load_model_config(str(preset)))
-    try:
-        return copy.deepcopy(load_model_config(model))
-    except CompTError:
-        raise CompTError(f"model {model!r}: no such preset (presets: {', '.join(preset_names())}), not a "
-                         "model-config .json and not an open_clip model name") from None
 
 
 def _vision(cfg: dict) -> dict:

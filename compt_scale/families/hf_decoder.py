@@ -56,9 +56,8 @@ def num_heads(config: PretrainedConfig) -> int:
 
 
 def param_count(config: PretrainedConfig) -> int:
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    from ..flops import decoder_param_count
+    return decoder_param_count(config)
 
 
 def build(config: PretrainedConfig, seed: int) -> torch.nn.Module:
@@ -103,8 +102,10 @@ def prepare(spec, data_dir: Path) -> Path:
 
 
 def plan_config(spec, stage) -> PretrainedConfig:
-    """The stage's config before any data exists (the planner's view): vocab from the spec."""
-    return load_config(stage.model, vocab_size=spec.data.vocab_size)
+    """The stage's config before any data exists (the planner's view), with the vocabulary the
+    prepared data will have."""
+    from ..data.packed import planned_vocab_size
+    return load_config(stage.model, vocab_size=planned_vocab_size(spec.data))
 
 
 def model_config(spec, stage, data_dir: Path) -> PretrainedConfig:

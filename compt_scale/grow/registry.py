@@ -14,21 +14,22 @@ import torch
 
 from ..errors import CompTError
 from .axes import CLONE_FIXED_KINDS, CLONED_KINDS, Source, TensorSpec, factor_sizes, kind, parse_spec, place
-
-WIDTH_OPS = ("insert", "clone")
-DEPTH_OPS = ("duplicate", "stack", "zero")
+from .ops import DEPTH_OPS, WIDTH_OPS
 
 
 @dataclass
 class Layout:
     """An architecture's tensors. `tensors` maps key templates to specs; `{name}` in a template is a
     layer index of the stack `name`, whose depth is `sizes(config)[name]`. `tied` maps an alias key
-    (lm_head) to the key it shares storage with when the config ties them."""
+    (lm_head) to the key it shares storage with when the config ties them. `saved_as` maps a key to
+    the name transformers writes it under on disk when that differs (GPT-NeoX's lm_head is saved as
+    embed_out): streaming reads such files, while the in-memory path sees the model's own names."""
     name: str
     sizes: Callable[[object], dict[str, int]]
     tensors: dict[str, str]
     stacks: tuple[str, ...] = ("layers",)
     tied: dict[str, str] = field(default_factory=dict)
+    saved_as: dict[str, str] = field(default_factory=dict)
     is_tied: Callable[[object], bool] = lambda cfg: bool(getattr(cfg, "tie_word_embeddings", False))
 
     def __post_init__(self):
@@ -150,10 +151,13 @@ def plan(src_config, tgt_config, tgt_keys, width: str, depth: str, noise_snr: fl
 
 
 def source_key(layout: Layout, src_config, key: str, available) -> str:
-    """A source key, following a tied alias when the checkpoint stored only the shared tensor."""
-    if key in available:
-        return key
-    if key in layout.tied and layout.tied[key] in available:
+    """The source tensor for `key`: itself, its on-disk name, or (only when the source config ties
+    them) the tensor it shares storage with. An untied source missing the key is an error, never a
+    silent read of another tensor."""
+    for k in (key, layout.saved_as.get(key)):
+        if k is not None and k in available:
+            return k
+    if key in layout.tied and layout.is_tied(src_config) and layout.tied[key] in available:
         return layout.tied[key]
     raise CompTError(f"source checkpoint has no tensor {key!r}")
 

@@ -156,10 +156,8 @@ def student_init(key: str, spec, shape, dtype, config, seed: int) -> torch.Tenso
 
 def target_tensors(tgt_config) -> tuple[list[tuple[str, tuple]], dict[str, str]]:
     """Target keys + shapes from a meta-device model (no memory), and tied alias -> canonical key."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(tgt_config)
-    sd = model.state_dict(keep_vars=True)
+    from ..meta import meta_decoder
+    sd = meta_decoder(tgt_config).state_dict(keep_vars=True)
     first, alias = {}, {}
     for k, v in sd.items():
         if id(v) in first:

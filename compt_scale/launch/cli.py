@@ -42,10 +42,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_chain
+    from ..chain.resolve import load_resolved
     from .slurm import SlurmOptions, parse_per_stage, status_lines, submit, write_scripts
 
-    spec = load_chain(args.spec)
+    spec = load_resolved(args.spec)
     out = Path(args.out).resolve()
     if args.status and not args.submit:
         print("\n".join(status_lines(spec, out)))

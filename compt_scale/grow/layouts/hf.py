@@ -154,6 +154,7 @@ LAYOUTS = {
     "mistral": Layout("mistral", _llama_sizes, LLAMA, tied=_LLAMA_TIED),
     "qwen2": Layout("qwen2", _llama_sizes, QWEN2, tied=_LLAMA_TIED),
     "gpt2": Layout("gpt2", _gpt2_sizes, GPT2, tied={"lm_head.weight": "transformer.wte.weight"}),
-    "gpt_neox": Layout("gpt_neox", _neox_sizes, NEOX, tied={"lm_head.weight": "gpt_neox.embed_in.weight"}),
+    "gpt_neox": Layout("gpt_neox", _neox_sizes, NEOX, tied={"lm_head.weight": "gpt_neox.embed_in.weight"},
+                       saved_as={"lm_head.weight": "embed_out.weight"}),   # transformers renames on load
     "opt": Layout("opt", _opt_sizes, OPT, tied={"lm_head.weight": "model.decoder.embed_tokens.weight"}),
 }
