@@ -31,6 +31,8 @@ PRESET_DIR = resource(MODELS, "open_clip")
 SIMPLE_TOKENIZER_VOCAB = 49408
 MAX_LOGIT_SCALE = 100.0      # open_clip training clamps exp(logit_scale) to 100
 CONFIG_ATTR = "compt_open_clip_cfg"
+# CLIP towers are small: built whole, grown in memory, exported from a gathered state dict.
+partitioned_io = False
 
 
 def preset_names() -> list[str]:
@@ -260,6 +262,9 @@ def _check_model(cfg: dict, spec, where: str, ctx0: tuple[int, str] | None) -> N
 
 
 def validate_chain(spec) -> None:
+    for i, s in enumerate(spec.stages):
+        if s.init:
+            raise CompTError(f"stages[{i}].init: open_clip chains cannot start from a checkpoint")
     """Config-level checks: presets exist, data fits the models, sizes grow, growth is possible."""
     from . import check_successor
     if spec.data.corpus not in ("shapes", "files"):
