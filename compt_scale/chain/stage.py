@@ -91,6 +91,7 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
 
     stage = spec.stage(name)
     family = get_family(spec.family)
+    weights.record_memory(stage_dir, rank, "start")   # the imports' peak: the baseline of the others
     data_dir = family.prepare(spec, data_dir_for(spec, out))
     dist.barrier()
     if rank == 0:
@@ -142,7 +143,8 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     if growth_report is not None and rank == 0:
         (stage_dir / "growth.json").write_text(json.dumps(growth_report, indent=2, default=str))
     if teacher is not None:
-        heads = [IFDProjection(d_s, d_t) for d_s, d_t in zip(family.feature_dims(cfg), family.feature_dims(t_cfg))]
+        heads = [IFDProjection(d_s, d_t)
+             for d_s, d_t in zip(family.feature_dims(cfg), family.feature_dims(t_cfg), strict=True)]
     samples_per_step = train.micro_batch_size * train.grad_accum * world
     macs = family.stage_macs(cfg, teacher.config if teacher else None, spec, samples_per_step)
     if rank == 0:

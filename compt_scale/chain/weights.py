@@ -29,7 +29,10 @@ EXPORT_SHARD_BYTES = 5 * 2**30   # HF's default max_shard_size
 @contextlib.contextmanager
 def hf_zero3(ds_config: dict):
     """transformers' from_config/from_pretrained build inside deepspeed.zero.Init while this is open."""
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+    from transformers.integrations.deepspeed import (
+        HfDeepSpeedConfig,
+        unset_hf_deepspeed_config,
+    )
     keep = HfDeepSpeedConfig(ds_config)   # transformers holds only a weak reference
     try:
         yield keep
@@ -47,7 +50,7 @@ def partition_census(model: torch.nn.Module) -> dict:
     for p in model.parameters():
         full = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
         held = p.ds_tensor.numel() + p.data.numel() if hasattr(p, "ds_tensor") else p.numel()
-        whole += int(held >= full and full > 1)
+        whole += int(held >= full > 1)
         local += held
         total += full
     return {"params_held_whole": whole, "local_numel": local, "total_numel": total}
