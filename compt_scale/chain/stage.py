@@ -116,6 +116,8 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
                 setattr(cfg, k, v)
         n_params = family.param_count(cfg)
         ds_config = build_ds_config(n_params, train, world)
+        if train.ds_config is None:
+            ds_config = weights.fit_zero3_buckets(ds_config, family.hidden_size(cfg))
         student = weights.build_student(family, cfg, seed, ds_config)
         weights.record_memory(stage_dir, rank, "built", student)
         if source is not None:

@@ -44,6 +44,23 @@ def is_zero3(ds_config: dict) -> bool:
     return ds_config.get("zero_optimization", {}).get("stage", 0) == 3
 
 
+def fit_zero3_buckets(ds_config: dict, hidden: int) -> dict:
+    """ZeRO-3 bucket sizes scaled to the model, as transformers' Trainer fills "auto" (reduce h^2,
+    prefetch 0.9 h^2, persistence 10 h), never above the preset's; gathered parameters kept live or
+    for reuse capped at ~2 decoder layers (24 h^2). The presets' fixed 5e8/1e9-element sizes are
+    ~2 GB fp32 buffers and keep a 200M student gathered whole between forward and backward."""
+    z = ds_config.get("zero_optimization", {})
+    if z.get("stage") != 3:
+        return ds_config
+    h2 = hidden * hidden
+    for key, size in (("reduce_bucket_size", h2), ("stage3_prefetch_bucket_size", int(0.9 * h2)),
+                      ("stage3_param_persistence_threshold", 10 * hidden),
+                      ("stage3_max_live_parameters", 24 * h2), ("stage3_max_reuse_distance", 24 * h2)):
+        if key in z:
+            z[key] = min(int(z[key]), size)
+    return ds_config
+
+
 def partition_census(model: torch.nn.Module) -> dict:
     """How much of the model this rank holds: parameters held whole vs. their full sizes."""
     whole = local = total = 0
