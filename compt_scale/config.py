@@ -35,7 +35,8 @@ class TextDataSpec(DataSpec):
     """`data:` of decoder chains (family hf_decoder)."""
     CORPORA: ClassVar[tuple[str, ...]] = ("stdlib", "files")
     corpus: str = "stdlib"            # "stdlib" (Python's own source + docs) or "files" (txt/jsonl/parquet)
-    tokenizer: str = "train"          # "train" (SentencePiece trained here) or an HF tokenizer dir
+    tokenizer: str = "train"          # "train" (SentencePiece trained here), an HF tokenizer dir, or
+                                      # "auto": the first `init:` model's own (default when stage 0 has init:)
     vocab_size: int = 4096
     seq_len: int = 128
 
@@ -66,6 +67,7 @@ class TrainSpec:
     eval_batches: int = 8
     save_every: int = 100
     log_every: int = 10
+    export_shard_bytes: int = 5 * 2**30   # max safetensors shard of a stage's export (HF's default)
 
 
 @dataclass
@@ -85,11 +87,13 @@ class GrowthSpec:
 @dataclass
 class StageSpec:
     name: str
-    model: str                         # preset name (configs/models/<name>.json) or a config.json path
-    tokens: int | None = None          # training budget in tokens
+    model: str | None = None           # preset name (configs/models/<name>.json) or a config.json path;
+                                       # optional when `init` gives it
+    tokens: int | None = None          # training budget in tokens (0: an `init` model used as-is)
     train: dict = field(default_factory=dict)   # per-stage overrides of TrainSpec fields
     growth: dict = field(default_factory=dict)  # per-stage overrides of GrowthSpec fields
     ifd: dict = field(default_factory=dict)     # per-stage overrides of IFDSpec fields
+    init: str | None = None            # an HF model dir (safetensors) whose weights the stage starts from
 
 
 @dataclass
@@ -225,7 +229,8 @@ def _merge(base, overrides: dict, where: str):
 
 def _validate_section(obj, where: str) -> None:
     if isinstance(obj, TrainSpec):
-        for k in ("micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "log_every"):
+        for k in ("micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "log_every",
+                  "export_shard_bytes"):
             if getattr(obj, k) <= 0:
                 raise CompTError(f"{where}.{k}: must be positive, got {getattr(obj, k)}")
         if obj.warmup_steps < 0:
@@ -292,7 +297,7 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
     data_raw = dict(raw.get("data") or {})
     if "paths" in data_raw and isinstance(data_raw["paths"], list):
         data_raw["paths"] = [_resolve_path(str(p), base_dir) for p in data_raw["paths"]]
-    if isinstance(data_raw.get("tokenizer"), str) and data_raw["tokenizer"] != "train":
+    if isinstance(data_raw.get("tokenizer"), str) and data_raw["tokenizer"] not in ("train", "auto"):
         data_raw["tokenizer"] = _resolve_path(data_raw["tokenizer"], base_dir)
     train_raw = dict(raw.get("train") or {})
     if isinstance(train_raw.get("ds_config"), str):
@@ -307,10 +312,19 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
             st = _build(StageSpec, s, f"{key}[{i}]")
             if not st.name or not all(c.isalnum() or c in "-_." for c in st.name):
                 raise CompTError(f"{key}[{i}].name: {st.name!r} must be non-empty letters, digits, '-', '_' or '.'")
+            if st.init is not None:
+                st.init = _resolve_path(st.init, base_dir)
+                if not (Path(st.init) / "config.json").is_file():
+                    raise CompTError(f"{key}[{i}].init: not a Hugging Face model dir (no config.json): {st.init}")
+            if st.model is None:
+                if st.init is None:
+                    raise CompTError(f"{key}[{i}].model: required field is missing (or give init:)")
+                st.model = st.init
             if st.model.endswith(".json") or "/" in st.model:
                 st.model = _resolve_path(st.model, base_dir)
-            if st.tokens is not None and st.tokens <= 0:
-                raise CompTError(f"{key}[{i}].tokens: budget must be positive, got {st.tokens}")
+            if st.tokens is not None and (st.tokens < 0 or (st.tokens == 0 and st.init is None)):
+                raise CompTError(f"{key}[{i}].tokens: budget must be positive, got {st.tokens}"
+                                 + (" (0 is only for an init: model used as-is)" if st.tokens == 0 else ""))
             out.append(st)
         return out
 
@@ -318,10 +332,21 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
     family = _coerce(raw.get("family", "hf_decoder"), "str", "spec.family")
     if family not in DATA_SPECS:
         raise CompTError(f"spec.family: unknown family {family!r} (known: {', '.join(DATA_SPECS)})")
+    stages, baselines = stages_of("stages"), stages_of("baselines")
+    inits = [s.init for s in stages if s.init]
+    if "tokenizer" in {f.name for f in fields(DATA_SPECS[family])}:
+        if "tokenizer" not in data_raw and stages and stages[0].init:
+            data_raw["tokenizer"] = "auto"
+        if data_raw.get("tokenizer") == "auto":
+            if not inits:
+                raise CompTError("data.tokenizer: 'auto' takes the tokenizer of a stage's init: model, "
+                                 "and no stage has one")
+            data_raw["tokenizer"] = inits[0]
+
     spec = ChainSpec(
         name=_coerce(raw["name"], "str", "spec.name"),
-        stages=stages_of("stages"),
-        baselines=stages_of("baselines"),
+        stages=stages,
+        baselines=baselines,
         family=family,
         seed=_coerce(raw.get("seed", 0), "int", "spec.seed"),
         nproc=_coerce(raw.get("nproc", 1), "int", "spec.nproc"),

@@ -36,7 +36,9 @@ def tokens_per_step(spec, stage, world: int | None = None) -> int:
 
 
 def steps_for(spec, stage, tokens: int, world: int | None = None) -> int:
-    """Optimizer steps that cover `tokens` (at least one)."""
+    """Optimizer steps that cover `tokens` (at least one); 0 for an `init:` model used as-is."""
+    if tokens == 0:
+        return 0
     return max(1, math.ceil(tokens / tokens_per_step(spec, stage, world)))
 
 

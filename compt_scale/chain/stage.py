@@ -26,8 +26,8 @@ def data_dir_for(spec: ChainSpec, out: Path) -> Path:
     return Path(spec.data.cache_dir) if spec.data.cache_dir else out / "data"
 
 
-def load_teacher(spec: ChainSpec, name: str, out: Path):
-    """The predecessor's export (or None for the first stage and for baselines)."""
+def predecessor_export(spec: ChainSpec, name: str, out: Path):
+    """(predecessor StageSpec, its finished export dir), or (None, None) for a first stage / baseline."""
     pred = spec.predecessor(name)
     if pred is None:
         return None, None
@@ -36,11 +36,14 @@ def load_teacher(spec: ChainSpec, name: str, out: Path):
     if rec.get("status") != "done" or not export.is_dir():
         raise CompTError(f"stage {name}: predecessor {pred.name!r} has no finished export at {export} "
                          f"(status: {rec.get('status', 'never run')})")
+    return pred, export
+
+
+def _loading(name: str, export: Path, load):
     try:
-        model = get_family(spec.family).load_export(export)
+        return load()
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise CompTError(f"stage {name}: cannot load predecessor export {export}: {str(e).splitlines()[0]}") from None
-    return pred, model
+        raise CompTError(f"stage {name}: cannot load {export}: {str(e).splitlines()[0]}") from None
 
 
 def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> dict:
@@ -71,13 +74,17 @@ def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> di
 
 def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     from ..grow import grow_state
+    from ..grow.registry import plan
     from ..kernels import IFDProjection
+    from ..train.checkpoint import gather_student_state
     from ..train.ds_config import build_ds_config, describe
     from ..train.loop import LoopConfig, train_stage
     from ..train.objective import FrozenTeacher, StudentWithIFD
+    from . import weights
 
     stage = spec.stage(name)
     family = get_family(spec.family)
+    weights.record_memory(stage_dir, rank, "start")   # the imports' peak: the baseline of the others
     data_dir = family.prepare(spec, data_dir_for(spec, out))
     dist.barrier()
     if rank == 0:
@@ -86,25 +93,55 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
                               job_id=os.environ.get("SLURM_JOB_ID"))
     cfg = family.model_config(spec, stage, data_dir)
     train, ifd, growth = spec.train_for(stage), spec.ifd_for(stage), spec.growth_for(stage)
-    student = family.build(cfg, seed=spec.seed + 1000 * (spec.index(name) + 1))
-    pred, teacher_model = load_teacher(spec, name, out)
-    teacher, heads = None, None
-    if teacher_model is not None:
-        t_cfg = family.config_of(teacher_model)
-        grown, growth_report = grow_state(teacher_model.state_dict(), t_cfg, cfg, student.state_dict(),
-                                          width=growth.width, depth=growth.depth)
-        student.load_state_dict(grown)
-        if rank == 0:
-            (stage_dir / "growth.json").write_text(json.dumps(growth_report, indent=2, default=str))
-        if ifd.enabled:
-            dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
-            teacher = FrozenTeacher(family, teacher_model, dtype, device())
-            heads = [IFDProjection(d_s, d_t) for d_s, d_t in zip(family.feature_dims(cfg), family.feature_dims(t_cfg))]
-    n_params = sum(p.numel() for p in student.parameters())
+    dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
+    seed = spec.seed + 1000 * (spec.index(name) + 1)
+    pred, export = predecessor_export(spec, name, out)
+    teacher, heads, t_cfg, growth_report = None, None, None, None
     steps = steps_for(spec, stage, stage.tokens, world)
+    if family.partitioned_io:
+        # Built partitioned under ZeRO-3, then filled one parameter at a time from safetensors.
+        source = export or (Path(stage.init) if stage.init else None)
+        if source is not None:
+            t_cfg = _loading(name, source, lambda: family.load_config(str(source)))
+            width, depth = growth.width, growth.depth   # an init: of the stage's own size is copied
+            # e.g. clone unties tied embeddings: the student must be built with the grown config.
+            for k, v in plan(t_cfg, cfg, [], width, depth)[1]["config_changes"].items():
+                setattr(cfg, k, v)
+        n_params = family.param_count(cfg)
+        ds_config = build_ds_config(n_params, train, world)
+        if train.ds_config is None:
+            ds_config = weights.fit_zero3_buckets(ds_config, max(family.feature_dims(cfg)))
+        student = weights.build_student(family, cfg, seed, ds_config)
+        weights.record_memory(stage_dir, rank, "built", student)
+        if source is not None:
+            growth_report = _loading(name, source, lambda: weights.fill_from(student, source, t_cfg, cfg,
+                                                                              width, depth))
+            weights.record_memory(stage_dir, rank, "grown", student)
+        if export is not None and ifd.enabled:
+            t_model, partitioned = _loading(name, export, lambda: weights.load_teacher(family, export, dtype,
+                                                                                       ds_config))
+            teacher = FrozenTeacher(family, t_model, dtype, device(), partitioned=partitioned)
+        t_cfg = t_cfg if export else None
+    else:
+        student = family.build(cfg, seed=seed)
+        if export is not None:
+            teacher_model = _loading(name, export, lambda: family.load_export(export))
+            t_cfg = family.config_of(teacher_model)
+            grown, growth_report = grow_state(teacher_model.state_dict(), t_cfg, cfg, student.state_dict(),
+                                              width=growth.width, depth=growth.depth)
+            student.load_state_dict(grown)
+            del grown
+            if ifd.enabled:
+                teacher = FrozenTeacher(family, teacher_model, dtype, device())
+        n_params = sum(p.numel() for p in student.parameters())
+        ds_config = build_ds_config(n_params, train, world)
+    if growth_report is not None and rank == 0:
+        (stage_dir / "growth.json").write_text(json.dumps(growth_report, indent=2, default=str))
+    if teacher is not None:
+        heads = [IFDProjection(d_s, d_t)
+             for d_s, d_t in zip(family.feature_dims(cfg), family.feature_dims(t_cfg), strict=True)]
     samples_per_step = samples_per_step_of(spec, stage, world)
     macs = family.stage_macs(cfg, teacher.config if teacher else None, spec, samples_per_step)
-    ds_config = build_ds_config(n_params, train, world)
     if rank == 0:
         print(f"[{name}] {n_params / 1e6:.2f}M params, {steps} steps x {samples_per_step} samples, "
               f"{describe(n_params, train)}, teacher: {pred.name if pred else 'none'}", flush=True)
@@ -113,9 +150,22 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
                           train=train, ifd=ifd, ds_config=ds_config, stage_dir=stage_dir, data_dir=data_dir,
                           resume=resume)
     result = train_stage(StudentWithIFD(family, student, heads), teacher, loop_cfg)
+    engine = result.pop("engine")
+    weights.record_memory(stage_dir, rank, "trained")
+    if stage.init and steps == 0:
+        if rank == 0:
+            weights.export_as_is(Path(stage.init), data_dir / "tokenizer", stage_dir / "model")
+    elif family.partitioned_io:
+        weights.export_model(engine.module.student, dtype, data_dir / "tokenizer", stage_dir / "model",
+                             train.export_shard_bytes)
+    else:
+        state = gather_student_state(engine)
+        if rank == 0:
+            family.export(student, state, data_dir, stage_dir / "model")
+        del state
+    weights.record_memory(stage_dir, rank, "exported")
     if rank == 0:
         torch.save(result["probe_logits"], stage_dir / "probe_logits.pt")
-        family.export(student, result["state"], data_dir, stage_dir / "model")
         per_step_teacher = macs["teacher_macs"]
         manifest.update_stage(
             name, status="done", params=n_params, tokens=result["tokens"], steps=steps,

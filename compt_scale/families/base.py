@@ -17,6 +17,9 @@ Batch = tuple   # tensors, as the family's dataset returns them
 class Family:
     name: str
     budget_unit: str                                          # what one sample of `tokens:` counts
+    # True: students are built partitioned (ZeRO-3) and grown, taught and exported one parameter at a
+    # time through HF safetensors (chain/weights.py); False: in memory (small models: CLIP towers).
+    partitioned_io: bool
     # ---- models
     preset_names: Callable[[], list[str]]
     load_config: Callable[[str], Config]                      # preset name / config path / model dir
@@ -42,5 +45,5 @@ class Family:
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.type.startswith("Callable") and not callable(v):
+            if str(f.type).startswith("Callable") and not callable(v):
                 raise TypeError(f"family {self.name}: {f.name} is not callable")

@@ -31,6 +31,8 @@ from .clip import load_model_config as load_config
 SIMPLE_TOKENIZER_VOCAB = 49408
 MAX_LOGIT_SCALE = 100.0      # open_clip training clamps exp(logit_scale) to 100
 CONFIG_ATTR = "compt_open_clip_cfg"
+# CLIP towers are small: built whole, grown in memory, exported from a gathered state dict.
+partitioned_io = False
 
 
 def _vision(cfg: dict) -> dict:
@@ -241,6 +243,9 @@ def _check_model(cfg: dict, spec, where: str, ctx0: tuple[int, str] | None) -> N
 
 
 def validate_chain(spec) -> None:
+    for i, s in enumerate(spec.stages):
+        if s.init:
+            raise CompTError(f"stages[{i}].init: open_clip chains cannot start from a checkpoint")
     """Config-level checks: presets exist, data fits the models, sizes grow, growth is possible."""
     from . import check_successor
     if spec.data.corpus == "files":
@@ -268,7 +273,8 @@ def validate_chain(spec) -> None:
 
 
 FAMILY = Family(
-    name="open_clip", budget_unit="image-caption pairs", preset_names=preset_names, load_config=load_config,
+    name="open_clip", budget_unit="image-caption pairs", partitioned_io=partitioned_io,
+    preset_names=preset_names, load_config=load_config,
     plan_config=plan_config, model_config=model_config, param_count=param_count, build=build,
     config_of=config_of, load_export=load_export, export=export, feature_dims=feature_dims,
     losses=losses, features=features, probe=probe, prepare=prepare, dataset=dataset,

@@ -60,11 +60,18 @@ def param_count(config: PretrainedConfig) -> int:
     return decoder_param_count(config)
 
 
+# Students, teachers and exports go parameter by parameter through HF safetensors (chain/weights.py).
+partitioned_io = True
+
+
 def build(config: PretrainedConfig, seed: int) -> torch.nn.Module:
-    """A freshly initialized model; the same seed gives the same weights on every rank."""
+    """A freshly initialized model; the same seed gives the same weights on every rank. With an
+    HfDeepSpeedConfig for ZeRO-3 alive, transformers builds it inside deepspeed.zero.Init (partitioned,
+    in the DeepSpeed config's dtype)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    return model.float()
+    return model if is_deepspeed_zero3_enabled() else model.float()
 
 
 def losses(model, batch):
@@ -101,19 +108,28 @@ def prepare(spec, data_dir: Path) -> Path:
     return prepare_data(spec.data, data_dir)
 
 
+def init_vocab(spec) -> int | None:
+    """The (often padded) vocab_size of the chain's first `init:` model: the whole chain keeps it."""
+    first = next((s for s in spec.stages if s.init), None)
+    return int(load_config(first.init).vocab_size) if first else None
+
+
 def plan_config(spec, stage) -> PretrainedConfig:
     """The stage's config before any data exists (the planner's view), with the vocabulary the
-    prepared data will have."""
+    prepared data will have (an init: model's padded vocab is kept along the chain)."""
     from ..data.packed import planned_vocab_size
-    return load_config(stage.model, vocab_size=planned_vocab_size(spec.data))
+    return load_config(stage.model, vocab_size=init_vocab(spec) or planned_vocab_size(spec.data))
 
 
 def model_config(spec, stage, data_dir: Path) -> PretrainedConfig:
-    """The stage's model config with the prepared tokenizer's vocab and special tokens."""
+    """The stage's model config with the prepared tokenizer's special tokens, and its vocab (or the
+    init model's padded vocab, which may be larger than the tokenizer)."""
     from transformers import AutoTokenizer
     meta = json.loads((data_dir / "meta.json").read_text())
     tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
-    return load_config(stage.model, vocab_size=meta["vocab_size"], bos_token_id=tok.bos_token_id,
+    padded = init_vocab(spec)
+    vocab = padded if padded is not None and padded >= meta["vocab_size"] else meta["vocab_size"]
+    return load_config(stage.model, vocab_size=vocab, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
@@ -132,8 +148,9 @@ def stage_macs(student_config, teacher_config, spec, samples: int) -> dict:
     return decoder_stage_macs(student_config, teacher_config, spec.data.seq_len, samples * spec.data.seq_len, 1)
 
 
-def load_export(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+def load_export(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Shard by shard; inside deepspeed.zero.Init (partitioned) when an HfDeepSpeedConfig for ZeRO-3 is alive."""
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
 
 
 def export(student, state: dict, data_dir: Path, out: Path) -> None:
@@ -155,6 +172,19 @@ def validate_chain(spec) -> None:
     """Config-level checks that need the family: presets exist, sizes grow, growth is possible."""
     from . import check_successor
     vocab = spec.data.vocab_size
+    padded = init_vocab(spec)
+    if padded is not None:
+        # Before any data work: the tokenizer's ids must all index the init model's embedding.
+        n_tok = vocab
+        if spec.data.tokenizer != "train":
+            from transformers import AutoTokenizer
+            try:
+                n_tok = len(AutoTokenizer.from_pretrained(spec.data.tokenizer))
+            except (OSError, ValueError) as e:
+                raise CompTError(f"data.tokenizer: cannot load {spec.data.tokenizer}: {str(e).splitlines()[0]}") from None
+        if n_tok > padded:
+            raise CompTError(f"data.tokenizer: {n_tok} tokens, more than the init model's embedding "
+                             f"(vocab_size {padded})")
     prev = None
     for i, stage in enumerate(spec.stages):
         where = f"stages[{i}].model"
@@ -186,7 +216,8 @@ def validate_chain(spec) -> None:
 
 
 FAMILY = Family(
-    name="hf_decoder", budget_unit="tokens", preset_names=preset_names, load_config=load_config,
+    name="hf_decoder", budget_unit="tokens", partitioned_io=partitioned_io,
+    preset_names=preset_names, load_config=load_config,
     plan_config=plan_config, model_config=model_config, param_count=param_count, build=build,
     config_of=config_of, load_export=load_export, export=export, feature_dims=feature_dims,
     losses=losses, features=features, probe=probe, prepare=prepare, dataset=dataset,

@@ -129,6 +129,42 @@ def _write_shard(path: Path, items, produce) -> None:
             del t
 
 
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def write_safetensors(out_dir: Path, items, produce, max_shard_bytes: int = 5 * 2**30,
+                      write: bool = True) -> list[str]:
+    """HF's layout: model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json.
+
+    items: [(key, dtype, shape)] in order; produce(key) -> tensor, called once per key in that order
+    (write=False: only called, for ranks that take part in each parameter's gather but write nothing).
+    """
+    shards, cur, size = [], [], 0
+    for it in items:
+        n = _nbytes(it[1], it[2])
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += n
+    shards.append(cur)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards, strict=True):
+        if write:
+            _write_shard(Path(out_dir) / name, shard, produce)
+        else:
+            for k, _, _ in shard:
+                produce(k)
+    if write and len(shards) > 1:
+        wm = {k: n for n, sh in zip(names, shards, strict=True) for k, _, _ in sh}
+        total = sum(_nbytes(d, s) for _, d, s in items)
+        (Path(out_dir) / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2))
+    return names
+
+
 # ---------------------------------------------------------------- growth
 
 def _seed_for(seed: int, key: str) -> int:
@@ -195,15 +231,6 @@ def grow_hf_checkpoint(src_dir, tgt_config, out_dir, width: str = "insert", dept
     # Tied aliases are not written (as save_pretrained does) unless clone untied them.
     items = [(k, dtypes.get(k, main_dtype), s) for k, s in shapes
              if not (k in alias and not report["untied_embeddings"])]
-    shards, cur, size = [], [], 0
-    for it in items:
-        n = math.prod(it[2]) * torch.empty((), dtype=it[1]).element_size()
-        if cur and size + n > max_shard_bytes:
-            shards.append(cur); cur, size = [], 0
-        cur.append(it); size += n
-    shards.append(cur)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     gen = torch.Generator()
 
     def produce(key):
@@ -216,13 +243,7 @@ def grow_hf_checkpoint(src_dir, tgt_config, out_dir, width: str = "insert", dept
         return out
 
     with atomic_dir(out_dir, replace=False) as tmp:
-        for name, shard in zip(names, shards):
-            _write_shard(tmp / name, shard, produce)
-        if len(shards) > 1:
-            wm = {k: n for n, sh in zip(names, shards) for k, _, _ in sh}
-            total = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for _, d, s in items)
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2))
+        names = write_safetensors(tmp, items, produce, max_shard_bytes)
         tgt_config.architectures = src_config.architectures
         tgt_config.dtype = str(main_dtype).replace("torch.", "")
         tgt_config.to_json_file(str(tmp / "config.json"))

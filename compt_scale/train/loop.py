@@ -199,9 +199,9 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     if start < cfg.steps:  # a finished run resumed again has nothing new to checkpoint
         checkpoint.save(engine, ckpt_dir, cfg.steps, {"step": cfg.steps, "alpha": alpha})
     probe = probe_outputs(engine, val_data, cfg.family)
-    state = checkpoint.gather_student_state(engine)
+    # The stage exports from the engine (parameter by parameter, or gathered for small families).
     return {"final_val_loss": final_val, "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
-            "alpha": alpha, "state": state, "probe_logits": probe, "seconds": time.time() - t0}
+            "alpha": alpha, "engine": engine, "probe_logits": probe, "seconds": time.time() - t0}
 
 
 def probe_outputs(engine, val, family) -> torch.Tensor | None:

@@ -1,7 +1,7 @@
 """The CoM-PT objective: L = L_task + alpha * ||F_teacher - T(F_student)||^2.
 
 `StudentWithIFD` is the module DeepSpeed wraps: the student and the projection T (dropped at export).
-The teacher stays outside the engine: frozen, eval mode, no grads, never partitioned or optimized.
+The teacher stays outside the student's engine: frozen, eval mode, no grads, never optimized.
 """
 from __future__ import annotations
 
@@ -33,11 +33,13 @@ class StudentWithIFD(nn.Module):
 
 
 class FrozenTeacher:
-    """The predecessor's export, used only for its features."""
+    """The predecessor's export, used only for its features: replicated, or (partitioned=True) a
+    ZeRO-3 inference module already placed by DeepSpeed (chain/weights.py load_teacher)."""
 
-    def __init__(self, family, model: nn.Module, dtype: torch.dtype, device: torch.device):
+    def __init__(self, family, model: nn.Module, dtype: torch.dtype, device: torch.device,
+                 partitioned: bool = False):
         self.family = family
-        self.model = model.to(device=device, dtype=dtype).eval()
+        self.model = model.eval() if partitioned else model.to(device=device, dtype=dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.config = family.config_of(model)
