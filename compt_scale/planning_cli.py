@@ -41,7 +41,7 @@ def _is_clip(model: str, args) -> bool:
     if p.suffix == ".json" and p.is_file():
         try:
             return "vision_cfg" in json.loads(p.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return False  # load_config reports the JSON error
     if p.exists():
         return False

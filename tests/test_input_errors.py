@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, TINY_DATA, TINY_TRAIN
+
+from compt_scale.errors import CompTError
 
 PRESETS = REPO / "compt_scale" / "resources" / "models" / "hf_decoder"
 
@@ -201,14 +202,14 @@ def run_case(case: str, d: Path) -> tuple[subprocess.CompletedProcess, list[str]
     argv = [str(a) for a in build(d)]
     before = sorted(str(p.relative_to(d)) for p in d.rglob("*"))
     proc = subprocess.run([sys.executable, "-m", "compt_scale.cli", *argv], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
     after = sorted(str(p.relative_to(d)) for p in d.rglob("*"))
     return proc, [p for p in after if p not in before]
 
 
 # What a failing stage may leave: its manifest record (the failure, for `--status` and `report`), the
 # spec copy, the manifest lock. Never a stage dir, a checkpoint, or a half-built data dir.
-ALLOWED_AFTER = {"out", "out/manifest.json", "out/.manifest.lock", "out/chain.yaml"}
+ALLOWED_AFTER = {"out", "out/manifest.json", "out/.manifest.lock", "out/chain.yaml", "out/.data.lock"}
 
 
 @pytest.fixture(scope="module")
@@ -217,14 +218,20 @@ def data_env(tiny_data):
     yield
 
 
+@pytest.mark.slow   # a fresh CLI process per case (imports torch): ~8 s each here
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_line_exit_2(case, tmp_path, data_env):
     proc, new = run_case(case, tmp_path)
-    err = proc.stderr.strip().splitlines()
+    # torch prints this once where DeepSpeed is imported on a machine without CUDA (not our output).
+    err = [ln for ln in proc.stderr.strip().splitlines() if "No CUDA runtime is found" not in ln]
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
     assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert err[0].startswith("compt-scale: error: ") and CASES[case][1] in err[0], err[0]
-    assert set(new) <= ALLOWED_AFTER, new
+    # A stage that fails during set-up may leave its dir empty; `chain` ignores (removes) empty ones
+    # (test_empty_stage_dir_does_not_block_chain).
+    left = {p for p in new if p not in ALLOWED_AFTER and not (tmp_path / p).is_dir()
+            or (tmp_path / p).is_dir() and any((tmp_path / p).iterdir()) and p != "out"}
+    assert not left, new
 
 
 if __name__ == "__main__":   # print the README table from a real run of every case
@@ -240,3 +247,18 @@ if __name__ == "__main__":   # print the README table from a real run of every c
                 proc, _ = run_case(case, Path(d))
                 line = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"(exit {proc.returncode})"
                 print(f"| {case} | `{line.replace(d, '...').replace(tmp, '...')}` |")
+
+
+def test_empty_stage_dir_does_not_block_chain(tmp_path):
+    """What a stage failing in set-up leaves (an empty out/<stage>/) is no "stage output"; anything in it is."""
+    from compt_scale.chain.runner import prepare_out
+    from compt_scale.config import load_chain
+    spec_path = _spec(tmp_path)
+    spec, out = load_chain(spec_path), tmp_path / "out"
+    (out / "b").mkdir(parents=True)
+    prepare_out(spec, spec_path, out, resume=False)
+    assert not (out / "b").exists()
+    (out / "b").mkdir()
+    (out / "b" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(CompTError, match="already holds stage output"):
+        prepare_out(spec, spec_path, out, resume=False)

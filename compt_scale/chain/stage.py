@@ -41,9 +41,10 @@ def load_teacher(spec: ChainSpec, name: str, out: Path):
     if rec.get("status") != "done" or not export.is_dir():
         raise CompTError(f"stage {name}: predecessor {pred.name!r} has no finished export at {export} "
                          f"(status: {rec.get('status', 'never run')})")
+    from safetensors import SafetensorError  # a truncated or corrupt model.safetensors
     try:
         model = get_family(spec.family).load_export(export)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise CompTError(f"stage {name}: cannot load predecessor export {export}: {str(e).splitlines()[0]}") from None
     return pred, model
 
