@@ -175,6 +175,8 @@ CASES = {
     "null-text-in-jsonl": (lambda d: ["stage", _files_spec(d, [json.dumps({"text": "hello world " * 20})] * 40
                                                             + [json.dumps({"text": None})]),
                                       "--stage", "a", "--out", d / "out"], "null"),
+    "vocab-size-200000-on-a-small-corpus": (lambda d: ["stage", _spec(d, data={"vocab_size": 200000}, stages=[
+        {"name": "a", "model": "llama-xs", "tokens": 256}]), "--stage", "a", "--out", d / "out"], "data.vocab_size"),
     # -- output dirs
     "out-is-a-file": (_out_is_file, "--out"),
     "out-under-a-file": (_out_under_file, "--out"),
