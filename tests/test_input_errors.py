@@ -264,3 +264,26 @@ def test_empty_stage_dir_does_not_block_chain(tmp_path):
     (out / "b" / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(CompTError, match="already holds stage output"):
         prepare_out(spec, spec_path, out, resume=False)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes regardless of permissions")
+def test_unreadable_spec_and_read_only_out(tmp_path):
+    spec = _spec(tmp_path)
+    spec.chmod(0o000)
+    from compt_scale.config import load_chain
+    with pytest.raises(CompTError, match="cannot read"):
+        load_chain(spec)
+    spec.chmod(0o644)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    from compt_scale.chain.runner import prepare_out
+    with pytest.raises(CompTError, match="--out"):
+        prepare_out(load_chain(spec), spec, tmp_path / "ro" / "out", resume=False)
+
+
+def test_manifest_never_holds_a_bare_nan(tmp_path):
+    from compt_scale.chain.manifest import Manifest
+    m = Manifest(tmp_path)
+    m.update_stage("a", status="running")
+    with pytest.raises(CompTError, match="final_val_loss"):
+        m.update_stage("a", status="done", final_val_loss=float("nan"))
+    assert json.loads((tmp_path / "manifest.json").read_text())["stages"]["a"]["status"] == "running"

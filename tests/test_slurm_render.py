@@ -14,9 +14,6 @@ import pytest
 import yaml
 from conftest import REPO, TINY_DATA, TINY_TRAIN, run_cli
 
-from compt_scale.launch.rendezvous import head_address
-from compt_scale.launch.slurm import auto_warn_seconds, slurm_seconds
-
 
 def _spec(d: Path, name="odd-chain_1.0", file="my spec 'odd' $HOME `x`.yaml", stages=None) -> Path:
     spec = {"name": name, "data": TINY_DATA, "train": TINY_TRAIN,
@@ -110,6 +107,7 @@ def test_resource_defaults_and_overrides(tmp_path):
 
 
 def test_warn_seconds_auto_from_checkpoint_size(tmp_path):
+    from compt_scale.launch.slurm import auto_warn_seconds
     # 7e9 params in bf16: 7e9 * (12 optimizer + 2 weight) bytes = 98 GB at 0.5 GB/s = 196 s, + 180 s margin.
     assert auto_warn_seconds(7_000_000_000, "bf16", 1) == 376
     assert auto_warn_seconds(7_000_000_000, "bf16", 4) == 180 + 49       # 4 nodes write in parallel
@@ -123,11 +121,13 @@ def test_warn_seconds_auto_from_checkpoint_size(tmp_path):
 
 
 def test_slurm_time_formats():
+    from compt_scale.launch.slurm import slurm_seconds
     assert [slurm_seconds(t) for t in ("90", "90:30", "2:00:00", "1-0", "1-2:30", "1-00:00:05")] == \
         [5400, 5430, 7200, 86400, 95400, 86405]
 
 
 def test_rendezvous_address_is_never_loopback(tmp_path, monkeypatch):
+    from compt_scale.launch.rendezvous import head_address
     # Here (as on many Debian hosts) the machine's own name resolves to 127.0.x.x: the head node must
     # hand out its real address, the one `hostname -I` lists first.
     own = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout.split()
