@@ -248,7 +248,7 @@ if __name__ == "__main__":   # print the README table from a real run of every c
             with tempfile.TemporaryDirectory() as d:
                 proc, _ = run_case(case, Path(d))
                 line = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"(exit {proc.returncode})"
-                print(f"| {case} | `{line.replace(d, '...').replace(tmp, '...')}` |")
+                print(f"| {case} | `{line.replace(d, '...').replace(tmp, '...')}` |", flush=True)
 
 
 def test_empty_stage_dir_does_not_block_chain(tmp_path):

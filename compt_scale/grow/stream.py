@@ -87,7 +87,9 @@ class SafetensorsReader:
             p = d / name
             with open(p, "rb") as f:
                 head = f.read(8)
-                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                if len(head) < 8:
+                    raise CompTError(f"{p}: not a safetensors file ({len(head)} bytes, shorter than its header)")
+                (n,) = struct.unpack("<Q", head)
                 if not 0 < n <= p.stat().st_size - 8:
                     raise CompTError(f"{p}: not a safetensors file, or truncated (header of {n} bytes)")
                 try:
