@@ -153,3 +153,17 @@ def test_rendezvous_cli_with_real_slurm(slurm_cluster):
                        text=True, env={**slurm_cluster.env, "PYTHONPATH": str(REPO)}, check=True, timeout=60)
     assert not r.stdout.strip().startswith("127."), r.stdout
     assert r.stdout.strip() in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+
+
+def test_node_0_hosts_the_rendezvous_store():
+    """torch decides "am I the store host?" by comparing names/addresses, which fails for an address
+    where the host's name maps to loopback; under SLURM the wrapper says it: node 0 hosts."""
+    from torch.distributed.run import parse_args
+
+    from compt_scale.launch.torchrun import with_store_host
+    base = ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "10.0.0.1:29742", "w.py"]
+    assert parse_args(with_store_host(base, {"SLURM_NODEID": "0"})).rdzv_conf == "is_host=1"
+    assert parse_args(with_store_host(base, {"SLURM_NODEID": "1"})).rdzv_conf == "is_host=0"
+    assert with_store_host(base, {}) == base                                   # not under SLURM
+    own = ["--rdzv-conf", "is_host=0", *base]
+    assert with_store_host(own, {"SLURM_NODEID": "0"}) == own                  # the user's own wins
