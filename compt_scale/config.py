@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,6 +16,10 @@ import yaml
 
 from .errors import CompTError
 from .grow.ops import DEPTH_OPS, WIDTH_OPS
+# A Hugging Face tokenizer directory holds at least one of these (fast, slow SentencePiece, BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+# The spec name goes into job names and file names: identifier-like, never a newline or a quote.
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -168,7 +173,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if value is None and ("None" in t or t.endswith("| None")):
         return None
     if t in ("int", "<class 'int'>"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        # .inf/.nan are YAML floats: int() of them raises (or would truncate), so check finiteness first.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or float(value) != int(value):
             raise CompTError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if t in ("float", "<class 'float'>"):
@@ -177,6 +184,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 value = float(value)  # YAML reads 3e-4 as a string
             except (TypeError, ValueError):
                 raise CompTError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(value):  # a NaN compares false with every bound check downstream
+            raise CompTError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if t in ("str", "<class 'str'>"):
         if not isinstance(value, str):
@@ -193,7 +202,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if t == "float | str":
         if isinstance(value, str) and value != "auto":
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise CompTError(f"{where}: expected a number or 'auto', got {value!r}") from None
         return value if isinstance(value, str) else _coerce(value, "float", where)
@@ -266,13 +275,19 @@ def _validate_section(obj, where: str) -> None:
             for p in obj.paths:
                 if not Path(p).exists():
                     raise CompTError(f"data.paths: file not found: {p}")
+                if Path(p).is_file() and Path(p).stat().st_size == 0:
+                    raise CompTError(f"data.paths: empty file: {p}")
+        if obj.cache_dir is not None and Path(obj.cache_dir).exists() and not Path(obj.cache_dir).is_dir():
+            raise CompTError(f"data.cache_dir: exists and is not a directory: {obj.cache_dir}")
         if not 0 < obj.val_fraction < 0.5:
             raise CompTError(f"data.val_fraction: must be in (0, 0.5), got {obj.val_fraction}")
         if obj.max_chars <= 0:
             raise CompTError("data.max_chars: must be positive")
         if isinstance(obj, TextDataSpec):
-            if obj.tokenizer != "train" and not Path(obj.tokenizer).is_dir():
-                raise CompTError(f"data.tokenizer: not 'train' and not a tokenizer directory: {obj.tokenizer}")
+            if obj.tokenizer != "train" and not (Path(obj.tokenizer).is_dir() and any(
+                    (Path(obj.tokenizer) / f).is_file() for f in TOKENIZER_FILES)):
+                raise CompTError(f"data.tokenizer: not 'train' and not a tokenizer directory (none of "
+                                 f"{', '.join(TOKENIZER_FILES)}): {obj.tokenizer}")
             if obj.vocab_size < 256:
                 raise CompTError(f"data.vocab_size: must be >= 256, got {obj.vocab_size}")
             if obj.seq_len < 8:
@@ -343,8 +358,12 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
                                  "and no stage has one")
             data_raw["tokenizer"] = inits[0]
 
+    name = _coerce(raw["name"], "str", "spec.name")
+    if not NAME_RE.fullmatch(name):
+        raise CompTError(f"spec.name: {name!r} must be letters, digits, '-', '_' or '.' (not starting with "
+                         "'-' or '.')")
     spec = ChainSpec(
-        name=_coerce(raw["name"], "str", "spec.name"),
+        name=name,
         stages=stages,
         baselines=baselines,
         family=family,
@@ -395,10 +414,18 @@ def validate_chain(spec: ChainSpec) -> None:
 
 def load_chain(path: str | Path) -> ChainSpec:
     p = Path(path)
+    if p.exists() and not p.is_file():
+        raise CompTError(f"chain spec {p}: not a file")
     if not p.is_file():
         raise CompTError(f"chain spec not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise CompTError(f"chain spec {p}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise CompTError(f"chain spec {p}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise CompTError(f"chain spec {p}: nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -62,7 +62,10 @@ def _grow_hf(src: Path, args) -> dict:
     from .families.hf_decoder import load_config
     from .grow.stream import grow_hf_checkpoint
 
-    src_cfg = AutoConfig.from_pretrained(src, local_files_only=True)
+    try:
+        src_cfg = AutoConfig.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:  # unparsable JSON, an unknown or missing model_type
+        raise CompTError(f"--from {src / 'config.json'}: {str(e).strip().splitlines()[0]}") from None
     t = Path(args.target)
     if t.suffix == ".json" or t.is_dir():
         raw = t / "config.json" if t.is_dir() else t

@@ -51,7 +51,7 @@ def _is_clip(model: str, args) -> bool:
     if p.suffix == ".json" and p.is_file():
         try:
             cfg = json.loads(p.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return False  # load_config reports the JSON error
         return isinstance(cfg, dict) and "vision_cfg" in cfg.get("model_cfg", cfg)
     if p.exists():

@@ -28,20 +28,43 @@ def _read_manifest(out_dir: Path) -> dict:
     data = read_json(path)
     if not isinstance(data.get("stages"), dict):
         raise CompTError(f"{path}: no 'stages' mapping")
+    for name, rec in data["stages"].items():
+        if not isinstance(rec, dict):
+            raise CompTError(f"{path}: stages.{name}: expected a mapping, got {rec!r}")
+        _check_numbers(rec, MANIFEST_NUMBERS, f"{path}: stages.{name}.")
+        for key in ("status", "kind"):
+            if not isinstance(rec.get(key, ""), str):
+                raise CompTError(f"{path}: stages.{name}.{key}: expected a string, got {rec[key]!r}")
     return data
+
+
+# Fields the report computes with; any other field is shown as text or ignored.
+MANIFEST_NUMBERS = ("params", "tokens", "steps", "macs", "train_macs", "teacher_macs", "final_val_loss", "index")
+METRICS_NUMBERS = ("step", "tokens", "macs", "loss", "val_loss")
+
+
+def _check_numbers(rec: dict, keys, prefix: str) -> None:
+    for k in keys:
+        v = rec.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise CompTError(f"{prefix}{k}: expected a number, got {v!r}")
 
 
 def _read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by a killed writer; the rest of the file is still good
+        if not isinstance(rec, dict):
+            raise CompTError(f"{path} line {i}: expected a JSON object, got {line.strip()[:40]}")
+        _check_numbers(rec, METRICS_NUMBERS, f"{path} line {i}: ")
+        out.append(rec)
     return out
 
 

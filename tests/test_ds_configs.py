@@ -49,6 +49,8 @@ def test_fill_from_trainspec():
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"],
             cfg["train_batch_size"]) == (3, 5, 3 * 5 * 16)
     assert cfg["gradient_clipping"] == 0.5 and cfg["bf16"]["enabled"] is True
+    assert cfg["communication_data_type"] == "fp32"                 # bf16 gradients reduced in fp32
+    assert "communication_data_type" not in build_ds_config(10, TrainSpec(), 1, cuda=True)
     p = cfg["optimizer"]["params"]
     assert cfg["optimizer"]["type"] == "AdamW"
     assert (p["lr"], p["weight_decay"], p["betas"], p["eps"]) == (3e-4, 0.05, [0.9, 0.95], 1e-8)
@@ -117,6 +119,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
         moved = any(not torch.allclose(a, b.float()) for a, b in zip(after, before))
         out.append(dict(stage=eng.zero_optimization_stage(), opt=type(eng.basic_optimizer).__name__,
                         bf16=eng.bfloat16_enabled(), lr=eng.get_lr()[0], moved=moved,
+                        comm=str(eng.communication_data_type),
                         global_steps=eng.global_steps))
     print("RESULT " + json.dumps(out))
 """)
@@ -146,6 +149,7 @@ def test_deepspeed_initialize_accepts_presets_on_cpu(tmp_path):
     res = json.loads(lines[-1][len("RESULT "):])
     assert [x["stage"] for x in res] == [1, 2, 3, 3, 0, 1, 3]
     assert [x["bf16"] for x in res] == [False] * 5 + [True, True]
+    assert [x["comm"] for x in res][-2:] == ["torch.float32"] * 2     # bf16: gradients reduced in fp32
     for x in res:
         assert x["opt"] == "AdamW" and x["moved"] and x["global_steps"] == 2, x
         assert x["lr"] == pytest.approx(2e-3 * 0.5), x

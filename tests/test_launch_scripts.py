@@ -57,7 +57,8 @@ def test_generated_scripts_pass_bash_n_and_carry_per_stage_resources(scripts):
     assert "--time=0:30:00" in d1 and "--time=2:00:00" in d2        # so do time limits
     for d in (d1, d2):
         for want in ("--gpus-per-node=8", "--ntasks-per-node=1", "--partition=gpu", "--cpus-per-task=64",
-                     "--requeue", "--open-mode=append", "--signal=B:USR1@600", "--qos=high"):
+                     "--requeue", "--open-mode=append", "--signal=B:USR1@600", "--qos=high",
+                     "--exclusive", "--mem=0"):                   # GPU jobs: whole nodes by default
             assert want in d, (want, d)
     assert f"--output={scripts.out.resolve()}/slurm/s2-%j.out" in d2
     assert "export NCCL_SOCKET_IFNAME=ib0" in scripts.s2.read_text()
@@ -79,7 +80,8 @@ def _check_rendezvous(cmd: list[str], spec: Path, out: Path):
     assert cmd[cmd.index("-m") + 1] == "compt_scale.launch.torchrun"
     assert arg("--nnodes") == "3" and arg("--nproc_per_node") == "8"
     assert arg("--rdzv_backend") == "c10d"
-    assert arg("--rdzv_endpoint") == "node01:24242"    # first node of node[01-03], port from the job id
+    # First node of node[01-03] (no such host here: its name, with a warning), port 29500 + job id % 1000.
+    assert arg("--rdzv_endpoint") == "node01:29742"
     assert arg("--rdzv_id") == "4242"
     stage = cmd[cmd.index("compt_scale.cli"):]
     assert stage[1:] == ["stage", str(spec.resolve()), "--stage", "s2", "--out", str(out.resolve()), "--resume"]

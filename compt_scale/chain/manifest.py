@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..errors import CompTError
 from ..files import atomic_write_text
 
 STATUSES = ("pending", "submitted", "running", "preempted", "done", "failed")
@@ -50,7 +52,7 @@ class Manifest:
                 for i, s in enumerate(items):
                     rec = stages.setdefault(s.name, {"status": "pending"})
                     rec.update(kind=kind, index=i, model=s.model)
-            atomic_write_text(self.path, json.dumps(data, indent=2))
+            atomic_write_text(self.path, _dumps(data))
 
     def update_stage(self, name: str, **fields) -> dict:
         with self._locked():
@@ -59,9 +61,20 @@ class Manifest:
             if "status" in fields:
                 assert fields["status"] in STATUSES, fields["status"]
                 fields.setdefault("updated", time.time())
+            bad = [k for k, v in fields.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:  # JSON has no NaN/Infinity: a bare NaN would make the whole manifest unreadable
+                raise CompTError(f"stage {name}: refusing to record non-finite {', '.join(bad)} in {self.path}")
             rec.update(fields)
-            atomic_write_text(self.path, json.dumps(data, indent=2))
+            atomic_write_text(self.path, _dumps(data))
             return rec
 
     def is_done(self, name: str) -> bool:
         return self.stage(name).get("status") == "done"
+
+
+def _dumps(data: dict) -> str:
+    """Strict JSON: a non-finite number anywhere raises instead of writing a bare NaN/Infinity."""
+    try:
+        return json.dumps(data, indent=2, allow_nan=False)
+    except ValueError as e:
+        raise CompTError(f"manifest: {e}") from None

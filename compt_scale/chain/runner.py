@@ -28,7 +28,16 @@ def stage_command(spec_path: Path, name: str, out: Path, nproc: int, resume: boo
 
 def prepare_out(spec: ChainSpec, spec_path: Path, out: Path, resume: bool) -> Path:
     """Check the output dir and keep a copy of the spec next to the results."""
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise CompTError(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where the dir should be, a read-only or full filesystem
+        raise CompTError(f"--out {out}: cannot create the output directory: {e.strerror}") from None
+    for s in spec.stages + spec.baselines:
+        # An empty stage dir is what a stage that failed during set-up leaves: it holds nothing to keep.
+        if (out / s.name).is_dir() and not any((out / s.name).iterdir()):
+            (out / s.name).rmdir()
     existing = [s.name for s in spec.stages + spec.baselines if (out / s.name).exists()]
     if existing and not resume:
         raise CompTError(f"{out} already holds stage output ({', '.join(existing)}); pass --resume or use a new --out")

@@ -39,11 +39,13 @@ def predecessor_export(spec: ChainSpec, name: str, out: Path):
     return pred, export
 
 
-def _loading(name: str, export: Path, load):
+def _loading(name: str, export: Path, load, what: str = "predecessor export"):
+    """Run `load` (reading a predecessor export or an init: dir); a broken file is one line."""
+    from safetensors import SafetensorError  # a truncated or corrupt model.safetensors
     try:
         return load()
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise CompTError(f"stage {name}: cannot load {export}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        raise CompTError(f"stage {name}: cannot load {what} {export}: {str(e).splitlines()[0]}") from None
 
 
 def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> dict:
@@ -101,8 +103,9 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     if family.partitioned_io:
         # Built partitioned under ZeRO-3, then filled one parameter at a time from safetensors.
         source = export or (Path(stage.init) if stage.init else None)
+        what = "predecessor export" if export else "init: model"
         if source is not None:
-            t_cfg = _loading(name, source, lambda: family.load_config(str(source)))
+            t_cfg = _loading(name, source, lambda: family.load_config(str(source)), what)
             width, depth = growth.width, growth.depth   # an init: of the stage's own size is copied
             # e.g. clone unties tied embeddings: the student must be built with the grown config.
             for k, v in plan(t_cfg, cfg, [], width, depth)[1]["config_changes"].items():
@@ -114,8 +117,8 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
         student = weights.build_student(family, cfg, seed, ds_config)
         weights.record_memory(stage_dir, rank, "built", student)
         if source is not None:
-            growth_report = _loading(name, source, lambda: weights.fill_from(student, source, t_cfg, cfg,
-                                                                              width, depth))
+            growth_report = _loading(
+                name, source, lambda: weights.fill_from(student, source, t_cfg, cfg, width, depth), what)
             weights.record_memory(stage_dir, rank, "grown", student)
         if export is not None and ifd.enabled:
             t_model, partitioned = _loading(name, export, lambda: weights.load_teacher(family, export, dtype,

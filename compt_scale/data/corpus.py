@@ -101,6 +101,9 @@ def load_splits(data, work_dir: Path) -> tuple[datasets.Dataset, datasets.Datase
     if field != "text":
         ds = ds.rename_column(field, "text")
     ds = ds.select_columns(["text"])
+    bad = next((i for i, t in enumerate(ds["text"]) if not isinstance(t, str)), None)
+    if bad is not None:  # JSON null / a number where text should be: name the row, do not crash on it
+        raise CompTError(f"data.paths: row {bad + 1}: {field!r} is {ds[bad]['text']!r} (null or not text)")
     # Split by row so each document lands wholly on one side.
     is_val = [_is_val(f"row:{i}:{t[:64]}", data.val_fraction) for i, t in enumerate(ds["text"])]
     val_idx = [i for i, v in enumerate(is_val) if v]

@@ -89,7 +89,11 @@ def prepare_data(data, out: Path) -> Path:
             tok = _train_sentencepiece(train["text"], data.vocab_size, tmp)
         else:
             from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(data.tokenizer)
+            try:
+                tok = AutoTokenizer.from_pretrained(data.tokenizer, local_files_only=True)
+            except (OSError, ValueError, TypeError, KeyError) as e:  # files present but not loadable
+                raise CompTError(f"data.tokenizer: cannot load {data.tokenizer}: {str(e).strip().splitlines()[0]}") \
+                    from None
         if tok.eos_token_id is None:
             raise CompTError(f"data.tokenizer: {data.tokenizer} has no EOS token")
         tok.save_pretrained(str(tmp / "tokenizer"))

@@ -192,6 +192,7 @@ def validate_chain(spec) -> None:
             cfg = load_config(stage.model)
         except CompTError as e:
             raise CompTError(f"{where}: {e}") from None
+        _check_limits(cfg, spec.data.seq_len, where)
         if stage.model.endswith(".json") and getattr(cfg, "vocab_size", None) not in (None, vocab) \
                 and spec.data.tokenizer == "train":
             raise CompTError(f"{where}: vocab_size {cfg.vocab_size} differs from data.vocab_size {vocab}")
@@ -210,9 +211,30 @@ def validate_chain(spec) -> None:
         prev = (cfg, stage)
     for i, stage in enumerate(spec.baselines):
         try:
-            load_config(stage.model)
+            cfg = load_config(stage.model)
         except CompTError as e:
             raise CompTError(f"baselines[{i}].model: {e}") from None
+        _check_limits(cfg, spec.data.seq_len, f"baselines[{i}].model")
+
+
+# Architectures whose position embeddings are a learned table: a longer sequence indexes past its end
+# (a crash at step 1). Rotary/ALiBi models extrapolate, so their max_position_embeddings is no limit.
+LEARNED_POSITIONS = ("gpt2", "gpt_bigcode", "opt", "biogpt")
+
+
+def _check_limits(cfg: PretrainedConfig, seq_len: int, where: str) -> None:
+    """Sizes a config can hold but no model can be built or run with, named before anything runs."""
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size"):
+        v = getattr(cfg, key, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise CompTError(f"{where}: {key} must be a positive integer, got {v!r}")
+    if cfg.model_type in LEARNED_POSITIONS:
+        key = "n_positions" if hasattr(cfg, "n_positions") else "max_position_embeddings"
+        limit = getattr(cfg, key, None)
+        if limit is not None and seq_len > limit:
+            raise CompTError(f"{where}: data.seq_len {seq_len} exceeds the model's {key} {limit} "
+                             "(learned position embeddings)")
 
 
 FAMILY = Family(

@@ -86,8 +86,16 @@ class SafetensorsReader:
         for name in files:
             p = d / name
             with open(p, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CompTError(f"{p}: not a safetensors file ({len(head)} bytes, shorter than its header)")
+                (n,) = struct.unpack("<Q", head)
+                if not 0 < n <= p.stat().st_size - 8:
+                    raise CompTError(f"{p}: not a safetensors file, or truncated (header of {n} bytes)")
+                try:
+                    header = json.loads(f.read(n))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    raise CompTError(f"{p}: corrupt safetensors header") from None
             for k, v in header.items():
                 if k == "__metadata__":
                     continue

@@ -25,11 +25,18 @@ def register(subparsers) -> None:
     p.add_argument("--partition", default=None)
     p.add_argument("--time", default=None, help="time limit per job, e.g. 12:00:00")
     p.add_argument("--time-per-stage", default=None, metavar="NAME=T,...", help="per-stage time limits")
-    p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per node task (its workers share them)")
-    p.add_argument("--mem", default=None, help="memory per node, e.g. 400G")
+    p.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs of the one task per node, shared by its ranks (default: 4 per GPU rank, "
+                        "1 per CPU rank)")
+    p.add_argument("--mem", default=None,
+                   help="memory per node, e.g. 400G (default: 0 = all of the node's memory when exclusive; "
+                        "'none' sends no --mem)")
+    p.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
+                   help="whole nodes for each job (default: yes when GPUs are requested)")
     p.add_argument("--account", default=None)
-    p.add_argument("--warn-seconds", type=int, default=300,
-                   help="USR1 this many seconds before the time limit: time to write a checkpoint (default 300)")
+    p.add_argument("--warn-seconds", type=_warn_seconds, default=300,
+                   help="USR1 this many seconds before the time limit: time to write a checkpoint (default "
+                        "300); 'auto': from each stage's checkpoint size (see slurm/README.md)")
     p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                    help="extra #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -39,6 +46,15 @@ def register(subparsers) -> None:
     p.add_argument("--status", action="store_true",
                    help="print each stage's manifest status and SLURM job state (never-started jobs included)")
     p.set_defaults(func=run)
+
+
+def _warn_seconds(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole seconds or 'auto', got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     opts = SlurmOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
         partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task, mem=args.mem,
-        account=args.account, warn_seconds=args.warn_seconds,
+        account=args.account, exclusive=args.exclusive, warn_seconds=args.warn_seconds,
         nodes_per_stage=parse_per_stage(args.nodes_per_stage, "nodes-per-stage", int),
         time_per_stage=parse_per_stage(args.time_per_stage, "time-per-stage"),
         sbatch_args=args.sbatch_arg, env=args.env)

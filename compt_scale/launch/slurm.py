@@ -38,10 +38,11 @@ class SlurmOptions:
     nproc_per_node: int | None = None    # default: gpus_per_node, or the spec's nproc without GPUs
     partition: str | None = None
     time: str | None = None
-    cpus_per_task: int | None = None
-    mem: str | None = None
+    cpus_per_task: int | None = None     # default: CPUS_PER_GPU_RANK per rank with GPUs, 1 per CPU rank
+    mem: str | None = None               # default: "0" (all of the node's memory) when exclusive
     account: str | None = None
-    warn_seconds: int = 300              # USR1 this long before the time limit / preemption
+    exclusive: bool | None = None        # default: whole nodes when GPUs are requested
+    warn_seconds: int | str = 300        # USR1 this long before the end; "auto": from the checkpoint size
     nodes_per_stage: dict[str, int] = field(default_factory=dict)
     time_per_stage: dict[str, str] = field(default_factory=dict)
     sbatch_args: list[str] = field(default_factory=list)   # extra "#SBATCH <arg>" lines
@@ -63,6 +64,49 @@ def parse_per_stage(text: str | None, what: str, cast=str) -> dict:
     return out
 
 
+# Defaults for GPU jobs (documented in slurm/README.md): a data-loading/launcher share of cores per
+# GPU rank that every common 4/8-GPU node has, and the node to ourselves (no neighbour's job
+# competing for PCIe, NICs and memory bandwidth while NCCL runs).
+CPUS_PER_GPU_RANK = 4
+# `--warn-seconds auto`: time to write one checkpoint (fp32 master weights + Adam moments, 12 bytes,
+# plus the weights in the training dtype) at an assumed write rate per node, plus a margin for the
+# step in flight, the all-rank agreement and the requeue. Conservative for a parallel filesystem.
+WRITE_BYTES_PER_S_PER_NODE = 500e6
+WARN_MARGIN_S = 180
+MAX_SIGNAL_S = 65535       # sbatch --signal=...@TIME takes at most this
+# What may appear inside an #SBATCH line: sbatch splits those lines itself (no shell quoting), and
+# expands %-patterns in file names, so paths and values are held to a plain character set.
+SAFE_DIRECTIVE = re.compile(r"[A-Za-z0-9_./+,@:=~-]*")
+
+
+def slurm_seconds(text: str, what: str = "--time") -> int:
+    """SLURM time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) -> seconds."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        raise CompTError(f"{what}: not a SLURM time limit (e.g. 90, 12:00:00, 2-00:00:00): {text!r}")
+    d, a, b, c = (int(x) if x else None for x in m.groups())
+    if d is not None:   # D-HH[:MM[:SS]]
+        return ((d * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    if c is not None:   # HH:MM:SS
+        return (a * 60 + b) * 60 + c
+    return a * 60 + (b or 0)   # MM or MM:SS
+
+
+def auto_warn_seconds(n_params: int, precision: str, nodes: int) -> int:
+    ckpt_bytes = n_params * (12 + (2 if precision == "bf16" else 4))
+    return int(WARN_MARGIN_S + -(-ckpt_bytes // (WRITE_BYTES_PER_S_PER_NODE * nodes)))
+
+
+def warn_seconds_for(spec, stage: str, opts: SlurmOptions) -> int:
+    if opts.warn_seconds != "auto":
+        return int(opts.warn_seconds)
+    from ..families import get_family
+    family = get_family(spec.family)
+    st = spec.stage(stage)
+    n = family.param_count(family.plan_config(spec, st))
+    return auto_warn_seconds(n, spec.train_for(st).precision, opts.nodes_per_stage.get(stage, opts.nodes))
+
+
 def _check(spec, opts: SlurmOptions, out: Path) -> None:
     names = {s.name for s in spec.stages + spec.baselines}
     for flag, table in (("nodes-per-stage", opts.nodes_per_stage), ("time-per-stage", opts.time_per_stage)):
@@ -74,10 +118,28 @@ def _check(spec, opts: SlurmOptions, out: Path) -> None:
             raise CompTError(f"--nodes: must be >= 1, got {n}")
     if opts.gpus_per_node < 0 or (opts.nproc_per_node is not None and opts.nproc_per_node < 1):
         raise CompTError("--gpus-per-node must be >= 0 and --nproc-per-node >= 1")
-    if re.search(r"\s", str(out)):  # #SBATCH lines cannot quote paths
-        raise CompTError(f"--out: SLURM log paths cannot contain whitespace: {out}")
+    for what, value in (("--out", str(out)), ("working directory", str(Path.cwd()))):
+        if not SAFE_DIRECTIVE.fullmatch(value):  # it goes into --output= / --chdir= lines
+            raise CompTError(f"{what}: SLURM directives cannot hold this path (use letters, digits and "
+                             f"._-/+,@:=~ only): {value!r}")
+    for flag, value in (("--partition", opts.partition), ("--time", opts.time), ("--mem", opts.mem),
+                        ("--account", opts.account), *(("--time-per-stage", t) for t in opts.time_per_stage.values())):
+        if value is not None and not SAFE_DIRECTIVE.fullmatch(str(value)):
+            raise CompTError(f"{flag}: {value!r} cannot go into an #SBATCH line (letters, digits, ._-/+,@:=~)")
+    for a in opts.sbatch_args:
+        if not a.startswith("-") or re.search(r"[\r\n]", a):
+            raise CompTError(f"--sbatch-arg: expected one sbatch option on one line, got {a!r}")
+    if opts.cpus_per_task is not None and opts.cpus_per_task < 1:
+        raise CompTError(f"--cpus-per-task: must be >= 1, got {opts.cpus_per_task}")
+    for t in [opts.time] if opts.time else []:
+        slurm_seconds(t, "--time")
+    for t in opts.time_per_stage.values():
+        slurm_seconds(t, "--time-per-stage")
+    w = opts.warn_seconds
+    if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or not 0 < w <= MAX_SIGNAL_S):
+        raise CompTError(f"--warn-seconds: must be 'auto' or whole seconds in 1..{MAX_SIGNAL_S}, got {w!r}")
     for e in opts.env:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", e):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", e, re.DOTALL):
             raise CompTError(f"--env: expected NAME=VALUE, got {e!r}")
 
 
@@ -87,19 +149,32 @@ def render_stage(spec, stage: str, out: Path, opts: SlurmOptions) -> str:
     nodes = opts.nodes_per_stage.get(stage, opts.nodes)
     time_limit = opts.time_per_stage.get(stage, opts.time)
     nproc = opts.nproc_per_node or opts.gpus_per_node or spec.nproc
+    exclusive = bool(opts.gpus_per_node) if opts.exclusive is None else opts.exclusive
+    cpus = opts.cpus_per_task or nproc * (CPUS_PER_GPU_RANK if opts.gpus_per_node else 1)
+    mem = opts.mem if opts.mem is not None else ("0" if exclusive else None)
+    warn = warn_seconds_for(spec, stage, opts)
+    limit_s = slurm_seconds(time_limit, "--time") if time_limit else None
+    if not 0 < warn <= MAX_SIGNAL_S or (limit_s is not None and warn >= limit_s):
+        raise CompTError(f"--warn-seconds: {warn} s for stage {stage} is not in 1..{MAX_SIGNAL_S} or not less "
+                         f"than its time limit ({limit_s} s); give a longer --time or a shorter --warn-seconds")
     d = [f"--job-name=compt-{spec.name}-{stage}", f"--nodes={nodes}", "--ntasks-per-node=1"]
     if opts.gpus_per_node:
         d.append(f"--gpus-per-node={opts.gpus_per_node}")
-    for flag, value in (("cpus-per-task", opts.cpus_per_task), ("partition", opts.partition),
-                        ("time", time_limit), ("mem", opts.mem), ("account", opts.account)):
-        if value:
+    if exclusive:
+        d.append("--exclusive")
+    for flag, value in (("cpus-per-task", cpus), ("partition", opts.partition),
+                        ("time", time_limit), ("mem", None if mem == "none" else mem), ("account", opts.account)):
+        if value is not None and value != "":
             d.append(f"--{flag}={value}")
     d += [f"--output={out}/slurm/{stage}-%j.out",
           "--open-mode=append",                     # a requeued attempt continues the same log
           "--requeue",
-          f"--signal=B:USR1@{opts.warn_seconds}",   # B: only this script; it forwards (see below)
+          f"--signal=B:USR1@{warn}",                # B: only this script; it forwards (see below)
           f"--chdir={Path.cwd()}"]
     d += opts.sbatch_args
+    for x in d:   # the last line of defence: nothing rendered may end an #SBATCH line early
+        if re.search(r"[\r\n]", x):
+            raise CompTError(f"sbatch option {x!r}: contains a line break")
     fill = {
         "directives": "\n".join(f"#SBATCH {x}" for x in d),
         "python": shlex.quote(opts.python),
@@ -107,7 +182,7 @@ def render_stage(spec, stage: str, out: Path, opts: SlurmOptions) -> str:
         "out": shlex.quote(str(out)),
         "stage": shlex.quote(stage),
         "nproc_per_node": str(nproc),
-        "warn_seconds": str(opts.warn_seconds),
+        "warn_seconds": str(warn),
         "exit_preempted": str(EXIT_PREEMPTED),
         "srun_gpus": f"--gpus-per-node={opts.gpus_per_node}" if opts.gpus_per_node else "",
         "env": "\n".join(f"export {k}={shlex.quote(v)}" for k, _, v in (e.partition("=") for e in opts.env)),
@@ -129,11 +204,12 @@ def write_scripts(spec, out: Path, opts: SlurmOptions, baselines: bool = False) 
     if spec.source is None:
         raise CompTError("the chain spec must come from a file (the jobs re-read it)")
     _check(spec, opts, out)
+    texts = {name: render_stage(spec, name, out, opts) for name in stage_names(spec, baselines)}  # all or none
     (out / "slurm").mkdir(parents=True, exist_ok=True)  # SLURM will not create the log dir
     paths = {}
-    for name in stage_names(spec, baselines):
+    for name, text in texts.items():
         p = out / "slurm" / f"{name}.sbatch"
-        p.write_text(render_stage(spec, name, out, opts))
+        p.write_text(text)
         p.chmod(0o755)
         paths[name] = p
     return paths

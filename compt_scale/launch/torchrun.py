@@ -103,6 +103,15 @@ def exit_code_of(failures: dict) -> int:
     return min(real, key=lambda f: f.timestamp).exitcode if real else 1
 
 
+def with_store_host(argv: list[str], env) -> list[str]:
+    """Under SLURM, node 0 hosts the c10d store, said explicitly: the rendezvous endpoint is the head
+    node's resolved address (slurm/stage.sbatch), which torch's own "is that me?" test misses where
+    the node's name maps to loopback, leaving no node to host it."""
+    if "SLURM_NODEID" not in env or any(a.split("=")[0] in ("--rdzv_conf", "--rdzv-conf") for a in argv):
+        return argv
+    return ["--rdzv_conf", f"is_host={int(env['SLURM_NODEID'] == '0')}", *argv]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     exit_file = None
@@ -110,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         # "{node}" in the path becomes this node's index in the allocation (one file per node).
         exit_file = Path(argv[1].replace("{node}", os.environ.get("SLURM_NODEID", "0")))
         argv = argv[2:]
+    argv = with_store_host(argv, os.environ)
     Usr1Forwarder().install()  # first: importing torch takes seconds, USR1 must not kill us meanwhile
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run

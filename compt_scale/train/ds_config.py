@@ -134,6 +134,10 @@ def build_ds_config(n_params: int, train, world_size: int, cuda: bool | None = N
     if cfg.get("fp16", {}).get("enabled") not in (None, False, "auto"):
         raise CompTError("ds_config fp16.enabled: fp16 is not supported; use train.precision: bf16")
     cfg.pop("fp16", None)
+    # Gradients are reduced across ranks in fp32 when training in bf16: a sum of many bf16 gradients
+    # loses most of its mantissa (8 bits). Costs 2x the reduction bandwidth; a user config may say bf16.
+    if train.precision == "bf16" and cfg.get("communication_data_type", "auto") == "auto":
+        cfg["communication_data_type"] = "fp32"
 
     opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
