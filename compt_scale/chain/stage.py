@@ -44,7 +44,7 @@ def _loading(name: str, export: Path, load, what: str = "predecessor export"):
     from safetensors import SafetensorError  # a truncated or corrupt model.safetensors
     try:
         return load()
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+    except (CompTError, OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise CompTError(f"stage {name}: cannot load {what} {export}: {str(e).splitlines()[0]}") from None
 
 
