@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +18,9 @@ from .errors import CompTError
 
 WIDTH_OPS = ("insert", "clone")
 DEPTH_OPS = ("duplicate", "stack", "zero")
+# Top-level entries of --out a stage dir must not collide with (manifest.json, chain.yaml, report.html
+# and the plots are excluded by the no-'.' rule already).
+RESERVED_STAGE_NAMES = ("data", "slurm")
 
 
 @dataclass
@@ -307,8 +311,9 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
         out = []
         for i, s in enumerate(items):
             st = _build(StageSpec, s, f"{key}[{i}]")
-            if not st.name or not all(c.isalnum() or c in "-_." for c in st.name):
-                raise CompTError(f"{key}[{i}].name: {st.name!r} must be non-empty letters, digits, '-', '_' or '.'")
+            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", st.name) or st.name in RESERVED_STAGE_NAMES:
+                raise CompTError(f"{key}[{i}].name: {st.name!r} must be letters, digits, '-' and '_', not starting "
+                                 f"with '-', and not one of the run's own entries ({', '.join(RESERVED_STAGE_NAMES)})")
             if st.model.endswith(".json") or "/" in st.model:
                 st.model = _resolve_path(st.model, base_dir)
             if st.tokens is not None and st.tokens <= 0:

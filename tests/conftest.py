@@ -24,9 +24,9 @@ TINY_TRAIN = {"micro_batch_size": 4, "eval_every": 5, "eval_batches": 2, "save_e
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A prepared data dir (SentencePiece tokenizer + packed memmaps) built once from the stdlib corpus."""
-    from compt_scale.config import DataSpec
+    from compt_scale.config import TextDataSpec
     from compt_scale.data.packed import prepare_data
-    return prepare_data(DataSpec(**TINY_DATA), tmp_path_factory.mktemp("data") / "data")
+    return prepare_data(TextDataSpec(**TINY_DATA), tmp_path_factory.mktemp("data") / "data")
 
 
 def write_spec(path: Path, stages, data_dir: Path | None = None, **top) -> Path:

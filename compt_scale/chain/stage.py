@@ -5,8 +5,10 @@ teacher = export of the predecessor, frozen -> student = family.build(config) ->
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import traceback
 from pathlib import Path
 
@@ -14,9 +16,13 @@ import torch
 import torch.distributed as dist
 
 from ..config import ChainSpec
-from ..errors import EXIT_PREEMPTED, CompTError
+from ..errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, CompTError
 from ..families import get_family
+from ..train import preemption
+from ..train.checkpoint import KEEP_CHECKPOINTS
 from ..train.distributed import device, init_distributed
+from .diskspace import check_free_space
+from .lock import StageLock
 from .manifest import Manifest
 
 
@@ -50,13 +56,18 @@ def load_teacher(spec: ChainSpec, name: str, out: Path):
 
 def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> dict:
     out = Path(out)
+    preemption.install()  # normally done first thing by `stage`; here for direct callers
     spec.stage(name)  # unknown name -> one-line error before any set-up
     stage_dir = out / name
     if not resume and (stage_dir / "checkpoints").exists():
         raise CompTError(f"{stage_dir} already has checkpoints; pass --resume to continue it or use a new --out")
     rank, world = init_distributed()
+    lock = _lock_stage(stage_dir, name, rank)
     manifest = Manifest(out)
     try:
+        preemption.check_startup("start")
+        if rank == 0:
+            manifest.reserve()
         result = _run(spec, name, out, stage_dir, resume, rank, world, manifest)
     except CompTError as e:
         if rank == 0:
@@ -66,12 +77,57 @@ def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> di
         if e.code == EXIT_PREEMPTED and rank == 0:
             manifest.update_stage(name, status="preempted")
         raise
-    except BaseException as e:
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            _record_crash(manifest, name, rank, e)
+            raise
+        msg = f"stage {name}: no space left on device ({e.filename or stage_dir}); earlier checkpoints kept"
         if rank == 0:
-            manifest.update_stage(name, status="failed", error=f"{type(e).__name__}: {e}"[:500])
-            traceback.print_exc()
+            _drop_partial_checkpoint(stage_dir / "checkpoints")
+            manifest.update_stage(name, status="failed", error=msg)
+        raise CompTError(msg) from None
+    except BaseException as e:
+        _record_crash(manifest, name, rank, e)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     return result
+
+
+def _record_crash(manifest, name, rank, e: BaseException) -> None:
+    if rank == 0:
+        manifest.update_stage(name, status="failed", error=f"{type(e).__name__}: {e}"[:500])
+        traceback.print_exc()
+
+
+def _lock_stage(stage_dir: Path, name: str, rank: int):
+    """Rank 0 takes the stage lock; every rank stops (exit 2, rank 0 saying why) if it is held."""
+    from ..train.distributed import all_reduce_flags
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = StageLock(stage_dir, name).acquire()
+        except CompTError as e:
+            error = e
+    (held,) = all_reduce_flags(error is not None)
+    if error is not None:
+        raise error
+    if held:
+        raise SystemExit(EXIT_BAD_INPUT)
+    return lock
+
+
+def _drop_partial_checkpoint(ckpt_dir: Path) -> None:
+    """After ENOSPC mid-save: remove checkpoint dirs newer than `latest` (never loaded, half written)."""
+    from ..train.checkpoint import read_latest
+    latest = read_latest(ckpt_dir)
+    if latest is None or not ckpt_dir.is_dir():
+        return
+    for p in ckpt_dir.glob("global_step*"):
+        if p.name != latest and p.name.removeprefix("global_step").isdigit() and \
+                int(p.name.removeprefix("global_step")) > int(latest.removeprefix("global_step")):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
@@ -84,7 +140,7 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     stage = spec.stage(name)
     family = get_family(spec.family)
     data_dir = family.prepare(spec, data_dir_for(spec, out))
-    dist.barrier()
+    preemption.check_startup("data preparation")  # a collective: also the barrier after preparation
     if rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
         manifest.update_stage(name, status="running", error=None, world_size=world,
@@ -106,6 +162,8 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
             teacher = FrozenTeacher(family, teacher_model, dtype, device())
             heads = [IFDProjection(d_s, d_t) for d_s, d_t in zip(family.feature_dims(cfg), family.feature_dims(t_cfg))]
     n_params = sum(p.numel() for p in student.parameters())
+    preemption.check_startup("model build and growth")
+    check_free_space(stage_dir, n_params, keep=KEEP_CHECKPOINTS)
     steps = steps_for(spec, name, world)
     samples_per_step = train.micro_batch_size * train.grad_accum * world
     macs = family.stage_macs(cfg, teacher.config if teacher else None, spec, samples_per_step)
