@@ -6,6 +6,7 @@ written before the oldest is removed; the export is fp32 weights (4 bytes per pa
 """
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from ..errors import CompTError
 
 CKPT_BYTES_PER_PARAM = 16
 EXPORT_BYTES_PER_PARAM = 4
+NEARLY_FULL = 1 << 20   # bytes free below which a failed write is taken for a full disk
 
 
 def _gib(n: float) -> str:
@@ -43,3 +45,20 @@ def check_free_space(stage_dir: Path, n_params: int, keep: int) -> None:
         raise CompTError(f"stage {stage_dir.name}: not enough disk space at {_existing(stage_dir)}: needs about "
                          f"{_gib(need)} for {keep + 1} checkpoints and the export of {n_params / 1e6:.1f}M "
                          f"params, {_gib(free)} free")
+
+
+def free_space(path: Path) -> str:
+    return _gib(shutil.disk_usage(_existing(Path(path))).free)
+
+
+def out_of_space(e: BaseException, path: Path) -> bool:
+    """Was this error a full disk? ENOSPC itself, or a library's wrapped write error (torch.save raises
+    RuntimeError "file write failed" / "unexpected pos") while the filesystem is (nearly) full."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(e):
+        return True
+    try:
+        return isinstance(e, RuntimeError) and shutil.disk_usage(_existing(Path(path))).free < NEARLY_FULL
+    except OSError:
+        return False

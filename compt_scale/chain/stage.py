@@ -5,7 +5,6 @@ teacher = export of the predecessor, frozen -> student = family.build(config) ->
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from ..families import get_family
 from ..train import preemption
 from ..train.checkpoint import KEEP_CHECKPOINTS
 from ..train.distributed import device, init_distributed
-from .diskspace import check_free_space
+from .diskspace import check_free_space, free_space, out_of_space
 from .lock import StageLock
 from .manifest import Manifest
 
@@ -77,13 +76,15 @@ def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> di
         if e.code == EXIT_PREEMPTED and rank == 0:
             manifest.update_stage(name, status="preempted")
         raise
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+    except Exception as e:
+        if not out_of_space(e, stage_dir):
             _record_crash(manifest, name, rank, e)
             raise
-        msg = f"stage {name}: no space left on device ({e.filename or stage_dir}); earlier checkpoints kept"
         if rank == 0:
             _drop_partial_checkpoint(stage_dir / "checkpoints")
+        msg = (f"stage {name}: no space left on device at {stage_dir} ({free_space(stage_dir)} free after "
+               f"removing the unfinished checkpoint); earlier checkpoints kept")
+        if rank == 0:
             manifest.update_stage(name, status="failed", error=msg)
         raise CompTError(msg) from None
     except BaseException as e:
@@ -122,11 +123,11 @@ def _drop_partial_checkpoint(ckpt_dir: Path) -> None:
     """After ENOSPC mid-save: remove checkpoint dirs newer than `latest` (never loaded, half written)."""
     from ..train.checkpoint import read_latest
     latest = read_latest(ckpt_dir)
-    if latest is None or not ckpt_dir.is_dir():
-        return
+    if not ckpt_dir.is_dir() or (latest is None and (ckpt_dir / "latest").exists()):
+        return  # an unreadable `latest`: leave the dirs to the resume fallback
+    newest = int(latest.removeprefix("global_step")) if latest else -1
     for p in ckpt_dir.glob("global_step*"):
-        if p.name != latest and p.name.removeprefix("global_step").isdigit() and \
-                int(p.name.removeprefix("global_step")) > int(latest.removeprefix("global_step")):
+        if p.name.removeprefix("global_step").isdigit() and int(p.name.removeprefix("global_step")) > newest:
             shutil.rmtree(p, ignore_errors=True)
 
 
