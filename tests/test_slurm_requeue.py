@@ -32,7 +32,7 @@ def test_slurm_requeue_sigterm_checkpoints_and_is_not_submitted_twice(tmp_path, 
     out = tmp_path / "out"
     slurm_cli(slurm_cluster, spec, "--out", out, "--submit")
     job = Manifest(out).stage("a")["job_id"]
-    log = lambda: (out / "slurm" / f"a-{job}.out").read_text() if (out / "slurm" / f"a-{job}.out").exists() else ""
+    log = lambda: (out / "slurm" / f"a-{job}.out").read_text(errors="replace") if (out / "slurm" / f"a-{job}.out").exists() else ""
     deadline = time.time() + 300
     while last_step(out / "a") < 5:
         assert time.time() < deadline and slurm_cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), log()

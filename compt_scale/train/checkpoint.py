@@ -75,6 +75,15 @@ def _load_tag(engine, ckpt_dir: Path, tag: str) -> dict:
     return client
 
 
+def _check_world_size(tag_dir: Path) -> None:
+    """ZeRO partitions optimizer states per rank: a checkpoint of N ranks loads only on N ranks."""
+    saved = len(list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")))
+    world = dist.get_world_size()
+    if saved and saved != world:
+        raise CompTError(f"checkpoint {tag_dir} was written by {saved} ranks (ZeRO-partitioned); resume it on "
+                         f"{saved} ranks: resuming on {world} needs a universal checkpoint, not supported yet")
+
+
 def load(engine, ckpt_dir: Path) -> dict | None:
     """Load the newest good checkpoint into the engine; returns the loop state, or None if there is none.
 
@@ -92,6 +101,7 @@ def load(engine, ckpt_dir: Path) -> dict | None:
         order = [t for t in order if int(t.removeprefix("global_step")) <= int(latest.removeprefix("global_step"))]
     if not order:
         return None
+    _check_world_size(ckpt_dir / order[0])
     errors = []
     for tag in order:
         try:
