@@ -77,7 +77,9 @@ def run_chain(spec: ChainSpec, spec_path: Path, out: Path, resume: bool = False,
 def run_forwarding_signals(cmd: list[str], env: dict) -> int:
     """Run a stage child; SIGTERM/SIGINT/SIGUSR1 to us go to it (it checkpoints and exits 99) and we
     wait for it, so stopping `chain` never leaves an orphaned stage training on."""
-    child = subprocess.Popen(cmd, env=env)
+    # Its own session: a terminal's Ctrl-C reaches the child once, through us (a second SIGINT would
+    # mean "stop now, no checkpoint" to it).
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def forward(signum, frame):
         try:

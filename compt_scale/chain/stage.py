@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import traceback
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> di
     except SystemExit as e:
         if e.code == EXIT_PREEMPTED and rank == 0:
             manifest.update_stage(name, status="preempted")
+            print(f"[{name}] preempted ({preemption.install().signal}): exiting {EXIT_PREEMPTED}, "
+                  f"resume with --resume", file=sys.stderr, flush=True)
         raise
     except Exception as e:
         if not out_of_space(e, stage_dir):

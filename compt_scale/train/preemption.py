@@ -22,6 +22,8 @@ class Preemption:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT and self.signal == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the checkpoint
         self.requested = True
         self.signal = signal.Signals(signum).name
 
