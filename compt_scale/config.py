@@ -20,6 +20,9 @@ from .grow.ops import DEPTH_OPS, WIDTH_OPS
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
 # The spec name goes into job names and file names: identifier-like, never a newline or a quote.
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# Top-level entries of --out a stage dir must not collide with (manifest.json, chain.yaml, report.html
+# and the plots are excluded by the no-'.' rule already).
+RESERVED_STAGE_NAMES = ("data", "slurm")
 
 
 @dataclass
@@ -325,8 +328,9 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
         out = []
         for i, s in enumerate(items):
             st = _build(StageSpec, s, f"{key}[{i}]")
-            if not st.name or not all(c.isalnum() or c in "-_." for c in st.name):
-                raise CompTError(f"{key}[{i}].name: {st.name!r} must be non-empty letters, digits, '-', '_' or '.'")
+            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", st.name) or st.name in RESERVED_STAGE_NAMES:
+                raise CompTError(f"{key}[{i}].name: {st.name!r} must be letters, digits, '-' and '_', not starting "
+                                 f"with '-', and not one of the run's own entries ({', '.join(RESERVED_STAGE_NAMES)})")
             if st.init is not None:
                 st.init = _resolve_path(st.init, base_dir)
                 if not (Path(st.init) / "config.json").is_file():

@@ -49,7 +49,19 @@ def cmd_demo(args) -> int:
     return _chain(DEMO_SPEC, args.out, args.resume)
 
 
+def _refuse_if_locked(stage_dir: Path) -> None:
+    """Fail fast (before torch is imported) when the stage runs elsewhere; run_stage takes the lock."""
+    import os
+
+    from .lock import busy_error, live_holder
+    if os.environ.get("RANK", "0") == "0" and (holder := live_holder(stage_dir)) is not None:
+        raise busy_error(stage_dir, holder)
+
+
 def cmd_stage(args) -> int:
+    from ..train import preemption
+    preemption.install()  # first: a signal during start-up must end in a checkpoint-less exit 99 + record
+    _refuse_if_locked(args.out / args.stage)
     from .resolve import load_resolved
     from .stage import run_stage
     spec = load_resolved(args.spec)

@@ -5,9 +5,11 @@ manifest and concurrent writers (a SLURM submitter and a running stage) do not l
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +17,8 @@ from pathlib import Path
 from ..errors import CompTError
 from ..files import atomic_write_text
 
+# Freed when the disk is full, to make room for the manifest update recording that.
+RESERVE, RESERVE_BYTES = ".manifest.reserve", 64 * 1024
 STATUSES = ("pending", "submitted", "running", "preempted", "done", "failed")
 
 
@@ -54,7 +58,28 @@ class Manifest:
                     rec.update(kind=kind, index=i, model=s.model)
             atomic_write_text(self.path, _dumps(data))
 
+    def reserve(self) -> None:
+        """Set aside a few KB beside the manifest, freed on ENOSPC so a full disk can still be recorded."""
+        reserve = self.out_dir / RESERVE
+        if not reserve.is_file() or reserve.stat().st_size < RESERVE_BYTES:
+            try:
+                with open(reserve, "wb") as f:
+                    f.write(b"\0" * RESERVE_BYTES)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:
+                reserve.unlink(missing_ok=True)
+
     def update_stage(self, name: str, **fields) -> dict:
+        try:
+            return self._update_stage(name, **fields)
+        except OSError as e:
+            if e.errno != errno.ENOSPC or not (self.out_dir / RESERVE).is_file():
+                raise
+            (self.out_dir / RESERVE).unlink()
+            return self._update_stage(name, **fields)
+
+    def _update_stage(self, name: str, **fields) -> dict:
         with self._locked():
             data = self.read()
             rec = data.setdefault("stages", {}).setdefault(name, {"status": "pending"})

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import traceback
 from pathlib import Path
 
@@ -14,9 +16,13 @@ import torch
 import torch.distributed as dist
 
 from ..config import ChainSpec
-from ..errors import EXIT_PREEMPTED, CompTError
+from ..errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, CompTError
 from ..families import get_family
+from ..train import preemption
+from ..train.checkpoint import KEEP_CHECKPOINTS
 from ..train.distributed import device, init_distributed
+from .diskspace import check_free_space, free_space, out_of_space
+from .lock import StageLock
 from .manifest import Manifest
 from .planner import samples_per_step as samples_per_step_of
 from .planner import steps_for
@@ -48,30 +54,96 @@ def _loading(name: str, export: Path, load, what: str = "predecessor export"):
         raise CompTError(f"stage {name}: cannot load {what} {export}: {str(e).splitlines()[0]}") from None
 
 
+def _drop_startup_leftovers(stage_dir: Path) -> None:
+    """A stage that failed before training started leaves no directory behind (the manifest holds
+    the error): a half-made stage dir would only confuse the next run."""
+    if stage_dir.is_dir() and not any((stage_dir / k).exists() for k in ("checkpoints", "model", "metrics.jsonl")):
+        for p in sorted(stage_dir.rglob("*"), reverse=True):
+            if p.name != ".lock":
+                p.rmdir() if p.is_dir() else p.unlink()
+
+
 def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> dict:
     out = Path(out)
+    preemption.install()  # normally done first thing by `stage`; here for direct callers
     spec.stage(name)  # unknown name -> one-line error before any set-up
     stage_dir = out / name
     if not resume and (stage_dir / "checkpoints").exists():
         raise CompTError(f"{stage_dir} already has checkpoints; pass --resume to continue it or use a new --out")
     rank, world = init_distributed()
+    lock = _lock_stage(stage_dir, name, rank)
     manifest = Manifest(out)
     try:
+        preemption.check_startup("start")
+        if rank == 0:
+            manifest.reserve()
         result = _run(spec, name, out, stage_dir, resume, rank, world, manifest)
     except CompTError as e:
         if rank == 0:
             manifest.update_stage(name, status="failed", error=str(e))
+            _drop_startup_leftovers(stage_dir)
         raise
     except SystemExit as e:
         if e.code == EXIT_PREEMPTED and rank == 0:
             manifest.update_stage(name, status="preempted")
+            print(f"[{name}] preempted ({preemption.install().signal}): exiting {EXIT_PREEMPTED}, "
+                  f"resume with --resume", file=sys.stderr, flush=True)
         raise
-    except BaseException as e:
+    except Exception as e:
+        if not out_of_space(e, stage_dir):
+            _record_crash(manifest, name, rank, e)
+            raise
         if rank == 0:
-            manifest.update_stage(name, status="failed", error=f"{type(e).__name__}: {e}"[:500])
-            traceback.print_exc()
+            _drop_partial_checkpoint(stage_dir / "checkpoints")
+        msg = (f"stage {name}: no space left on device at {stage_dir} ({free_space(stage_dir)} free after "
+               f"removing the unfinished checkpoint); earlier checkpoints kept")
+        if rank == 0:
+            manifest.update_stage(name, status="failed", error=msg)
+        raise CompTError(msg) from None
+    except BaseException as e:
+        _record_crash(manifest, name, rank, e)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
+        if rank == 0 and stage_dir.is_dir() and not any(stage_dir.iterdir()):
+            stage_dir.rmdir()
     return result
+
+
+def _record_crash(manifest, name, rank, e: BaseException) -> None:
+    if rank == 0:
+        manifest.update_stage(name, status="failed", error=f"{type(e).__name__}: {e}"[:500])
+        traceback.print_exc()
+
+
+def _lock_stage(stage_dir: Path, name: str, rank: int):
+    """Rank 0 takes the stage lock; every rank stops (exit 2, rank 0 saying why) if it is held."""
+    from ..train.distributed import all_reduce_flags
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = StageLock(stage_dir, name).acquire()
+        except CompTError as e:
+            error = e
+    (held,) = all_reduce_flags(error is not None)
+    if error is not None:
+        raise error
+    if held:
+        raise SystemExit(EXIT_BAD_INPUT)
+    return lock
+
+
+def _drop_partial_checkpoint(ckpt_dir: Path) -> None:
+    """After ENOSPC mid-save: remove checkpoint dirs newer than `latest` (never loaded, half written)."""
+    from ..train.checkpoint import read_latest
+    latest = read_latest(ckpt_dir)
+    if not ckpt_dir.is_dir() or (latest is None and (ckpt_dir / "latest").exists()):
+        return  # an unreadable `latest`: leave the dirs to the resume fallback
+    newest = int(latest.removeprefix("global_step")) if latest else -1
+    for p in ckpt_dir.glob("global_step*"):
+        if p.name.removeprefix("global_step").isdigit() and int(p.name.removeprefix("global_step")) > newest:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
@@ -88,7 +160,7 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     family = get_family(spec.family)
     weights.record_memory(stage_dir, rank, "start")   # the imports' peak: the baseline of the others
     data_dir = family.prepare(spec, data_dir_for(spec, out))
-    dist.barrier()
+    preemption.check_startup("data preparation")  # a collective: also the barrier after preparation
     if rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
         manifest.update_stage(name, status="running", error=None, world_size=world,
@@ -138,6 +210,8 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
                 teacher = FrozenTeacher(family, teacher_model, dtype, device())
         n_params = sum(p.numel() for p in student.parameters())
         ds_config = build_ds_config(n_params, train, world)
+    preemption.check_startup("model build and growth")
+    check_free_space(stage_dir, n_params, keep=KEEP_CHECKPOINTS)
     if growth_report is not None and rank == 0:
         (stage_dir / "growth.json").write_text(json.dumps(growth_report, indent=2, default=str))
     if teacher is not None:

@@ -225,17 +225,35 @@ def _slurm(*args: str) -> subprocess.CompletedProcess:
 
 
 def job_info(job_id: str | None) -> dict | None:
-    """`scontrol show job -o` fields ({} keys JobState, Reason, ExitCode, Restarts...), None if unknown."""
+    """What SLURM knows of a job ({} keys JobState, Reason, ...), None if unknown. `scontrol` first
+    (all fields), then `squeue` (live jobs), then `sacct` (finished jobs scontrol has forgotten)."""
     if not job_id:
         return None
     r = _slurm("scontrol", "show", "job", "-o", str(job_id))
-    if r.returncode != 0 or "JobState=" not in r.stdout:
+    if r.returncode == 0 and "JobState=" in r.stdout:
+        info = {}
+        for tok in r.stdout.split():
+            k, _, v = tok.partition("=")
+            info.setdefault(k, v)
+        return info
+    r = _slurm_optional("squeue", "-h", "-j", str(job_id), "-o", "%T|%r")
+    if r is not None and r.returncode == 0 and r.stdout.strip():
+        state, _, reason = r.stdout.strip().splitlines()[0].partition("|")
+        return {"JobState": state.strip(), "Reason": reason.strip() or "None"}
+    r = _slurm_optional("sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State,ExitCode")
+    if r is not None and r.returncode == 0 and r.stdout.strip():
+        state, _, code = r.stdout.strip().splitlines()[0].partition("|")
+        # sacct says e.g. "CANCELLED by 0"
+        return {"JobState": state.split()[0] if state.strip() else "UNKNOWN", "ExitCode": code, "Reason": "None"}
+    return None
+
+
+def _slurm_optional(*args: str) -> subprocess.CompletedProcess | None:
+    """A query some clusters lack (no accounting: sacct fails); None instead of an error."""
+    try:
+        return subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
         return None
-    info = {}
-    for tok in r.stdout.split():
-        k, _, v = tok.partition("=")
-        info.setdefault(k, v)
-    return info
 
 
 def _alive(info: dict | None) -> bool:
@@ -259,7 +277,9 @@ def submit(spec, out: Path, scripts: dict[str, Path], log=print) -> dict[str, st
             jobs[name] = None
             prev = None if chain else prev
             continue
-        info = job_info(rec.get("job_id")) if rec.get("status") in ("submitted", "running", "preempted") else None
+        # Whatever the manifest says (a SIGTERM'd attempt may have written "failed" while SLURM requeues
+        # it), a recorded job that is still queued or running is never submitted a second time.
+        info = job_info(rec.get("job_id"))
         if _alive(info) and not (chain and resubmitted):
             log(f"{name}: job {rec['job_id']} already {info['JobState'].lower()}, kept")
             jobs[name] = rec["job_id"]

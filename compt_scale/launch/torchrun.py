@@ -1,7 +1,8 @@
 """`python -m compt_scale.launch.torchrun [--exit-file F] <torchrun args>`: torchrun, plus two things
 a preemptible stage needs that torchrun itself does not do.
 
-1. SIGUSR1 reaches the workers. torchrun's agent does not forward USR1 (by default USR1 would just
+1. SIGUSR1 reaches the workers; so do SIGTERM and SIGINT, forwarded as USR1 (the same request to a
+   stage). torchrun's agent does not forward USR1 (by default USR1 would just
    kill the agent and, with it, the workers without a checkpoint). This wrapper runs torchrun's agent
    in-process and installs its own USR1 handler that forwards the signal to the agent's children, the
    worker processes. A worker that has not yet installed its own USR1 handler (still importing torch)
@@ -66,11 +67,18 @@ class Usr1Forwarder:
         self._lock = threading.Lock()
 
     def install(self) -> None:
-        signal.signal(signal.SIGUSR1, self._on_signal)
+        # SIGTERM (SLURM's requeue, scancel, `chain` stopped) and SIGINT (Ctrl-C) mean the same as USR1
+        # to a stage: checkpoint and exit 99. torchrun's agent would instead SIGTERM the workers and
+        # die with a traceback, so it is told to leave these two signals to us.
+        # (torchrun's --signals-to-handle defaults from PET_SIGNALS_TO_HANDLE; older torch reads the other.)
+        os.environ["PET_SIGNALS_TO_HANDLE"] = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
         threading.Thread(target=self._retry_loop, daemon=True, name="usr1-forward").start()
 
     def _on_signal(self, signum, frame) -> None:
-        print(f"[compt torchrun] SIGUSR1 on {os.uname().nodename}: asking workers to checkpoint",
+        print(f"[compt torchrun] {signal.Signals(signum).name} on {os.uname().nodename}: asking workers to "
+              "checkpoint",
               file=sys.stderr, flush=True)
         self.pending.set()
         self.forward()

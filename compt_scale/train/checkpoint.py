@@ -1,7 +1,9 @@
 """Checkpoints: DeepSpeed's own, plus our loop state and RNG, and the student gathered for export.
 
-DeepSpeed writes `global_stepN/` and only then rewrites `latest`, so a run killed mid-save still has
-the previous checkpoint as latest. We keep the newest `keep` checkpoints. (Exports are the family's
+DeepSpeed writes `global_stepN/` (save_latest=False); rank 0 then replaces `latest` atomically once
+every rank has finished its shards, so a run killed mid-save still has the previous checkpoint as
+latest. A `latest` that is empty, garbage or names a checkpoint that does not load falls back to the
+previous kept checkpoint. We keep the newest `keep` checkpoints. (Exports are the family's
 job, written through compt_scale.files.atomic_dir so `<stage>/model` is either complete or absent.)
 """
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import pickle
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,9 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CompTError
+from ..files import atomic_write_text
+
+KEEP_CHECKPOINTS = 2
 
 
 def rng_state() -> dict:
@@ -28,42 +34,88 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def latest_tag(ckpt_dir: Path) -> str | None:
-    latest = Path(ckpt_dir) / "latest"
-    if not latest.is_file():
+def _tags(ckpt_dir: Path) -> list[str]:
+    """Checkpoint tags on disk, oldest first."""
+    return [p.name for p in sorted((p for p in Path(ckpt_dir).glob("global_step*")
+                                    if p.is_dir() and p.name.removeprefix("global_step").isdigit()),
+                                   key=lambda p: int(p.name.removeprefix("global_step")))]
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names if it is a checkpoint dir on disk, else None (missing, empty, garbage)."""
+    try:
+        tag = (Path(ckpt_dir) / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):
         return None
-    tag = latest.read_text().strip()
-    if not (Path(ckpt_dir) / tag).is_dir():
-        raise CompTError(f"checkpoint {ckpt_dir}: 'latest' names {tag}, which is missing")
-    return tag
+    return tag if tag in _tags(ckpt_dir) else None
 
 
-def save(engine, ckpt_dir: Path, step: int, loop_state: dict, keep: int = 2) -> None:
+def save(engine, ckpt_dir: Path, step: int, loop_state: dict, keep: int = KEEP_CHECKPOINTS) -> None:
     tag = f"global_step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": loop_state, "rng": rng_state()})
+    # `latest` is ours to write: DeepSpeed would rewrite it in place, before every rank has finished.
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": loop_state, "rng": rng_state()},
+                           save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        tags = sorted((p for p in Path(ckpt_dir).glob("global_step*") if p.is_dir()),
-                      key=lambda p: int(p.name.removeprefix("global_step")))
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic_write_text(Path(ckpt_dir) / "latest", tag)
+        for old in _tags(ckpt_dir)[:-keep]:
+            shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
+    dist.barrier()
 
 
-def load(engine, ckpt_dir: Path) -> dict | None:
-    """Load the latest checkpoint into the engine; returns the loop state, or None if there is none."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        return None
+def _load_tag(engine, ckpt_dir: Path, tag: str) -> dict:
     try:
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
         raise CompTError(f"checkpoint {Path(ckpt_dir) / tag} is unreadable or truncated: "
-                         f"{str(e).splitlines()[0][:200]}") from None
+                         f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     if path is None or not client or "loop" not in client:
         raise CompTError(f"checkpoint {Path(ckpt_dir) / tag} is incomplete (no loop state)")
-    set_rng_state(client["rng"])
-    return client["loop"]
+    return client
+
+
+def _check_world_size(tag_dir: Path) -> None:
+    """ZeRO partitions optimizer states per rank: a checkpoint of N ranks loads only on N ranks."""
+    saved = len(list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")))
+    world = dist.get_world_size()
+    if saved and saved != world:
+        raise CompTError(f"checkpoint {tag_dir} was written by {saved} ranks (ZeRO-partitioned); resume it on "
+                         f"{saved} ranks: resuming on {world} needs a universal checkpoint, not supported yet")
+
+
+def load(engine, ckpt_dir: Path) -> dict | None:
+    """Load the newest good checkpoint into the engine; returns the loop state, or None if there is none.
+
+    `latest` first; if it is missing, empty or names a checkpoint that does not load, the kept
+    checkpoints newest first, saying so on stderr (one line).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "latest").exists():
+        return None  # no save ever finished (a dir here is a first save cut short): start afresh
+    tags = _tags(ckpt_dir)
+    latest = read_latest(ckpt_dir)
+    order = ([latest] if latest else []) + [t for t in reversed(tags) if t != latest]
+    # Never newer than `latest`: a newer dir is a save that did not finish on every rank.
+    if latest:
+        order = [t for t in order if int(t.removeprefix("global_step")) <= int(latest.removeprefix("global_step"))]
+    if not order:
+        return None
+    _check_world_size(ckpt_dir / order[0])
+    errors = []
+    for tag in order:
+        try:
+            client = _load_tag(engine, ckpt_dir, tag)
+        except CompTError as e:
+            errors.append(str(e))
+            continue
+        if tag != latest and dist.get_rank() == 0:
+            why = errors[-1] if errors else f"'latest' in {ckpt_dir} is missing or unreadable"
+            print(f"[resume] {why}; resuming from {ckpt_dir / tag} instead", file=sys.stderr, flush=True)
+        set_rng_state(client["rng"])
+        return client["loop"]
+    raise CompTError(errors[0] if len(errors) == 1 else
+                     f"no loadable checkpoint in {ckpt_dir}: {errors[0]} (and {len(errors) - 1} older)")
 
 
 def gather_student_state(engine) -> dict | None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,11 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from ..chain import lock as stage_lock
 from ..data.packed import sample_indices
 from ..errors import EXIT_PREEMPTED, CompTError
-from . import checkpoint
+from ..files import atomic_write_text
+from . import checkpoint, preemption
 from .distributed import all_reduce_flags, all_reduce_mean, device
 from .objective import FrozenTeacher, StudentWithIFD, calibrate_alpha
 
@@ -40,18 +41,6 @@ class LoopConfig:
     stage_dir: Path
     data_dir: Path
     resume: bool = False
-
-
-class Preemption:
-    """SIGUSR1/SIGTERM set a flag; the loop acts on it at the next step boundary on all ranks."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
 
 
 def lr_lambda(train, steps: int):
@@ -78,10 +67,11 @@ class MetricsLog:
         self.path = stage_dir / "metrics.jsonl"
         if self.rank0:
             lines = self.path.read_text().splitlines() if (resume_step is not None and self.path.is_file()) else []
-            # On resume, drop what was logged after the checkpoint: it is about to be redone.
-            kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= (resume_step or 0)
-                    and not json.loads(l).get("final")]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            # On resume, drop what was logged after the checkpoint (it is about to be redone) and a
+            # line torn by the kill.
+            recs = [r for r in map(_parse_line, lines) if r is not None]
+            kept = [r for r in recs if r.get("step", 0) <= (resume_step or 0) and not r.get("final")]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             self.tb = SummaryWriter(str(stage_dir / "tb"))
 
     def write(self, rec: dict) -> None:
@@ -89,6 +79,7 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        stage_lock.heartbeat()
         for k, v in rec.items():
             if k not in ("step", "final") and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, rec["step"])
@@ -96,6 +87,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.rank0:
             self.tb.close()
+
+
+def _parse_line(line: str) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def to_device(batch) -> tuple:
@@ -124,7 +123,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     train_data = cfg.family.dataset(cfg.spec, cfg.data_dir, "train")
     val_data = cfg.family.dataset(cfg.spec, cfg.data_dir, "val")
     ckpt_dir = cfg.stage_dir / "checkpoints"
-    preempt = Preemption()
+    preempt = preemption.install()  # usually already installed by `stage`, first thing
 
     engine, _, _, _ = deepspeed.initialize(
         model=student_with_ifd, model_parameters=param_groups(student_with_ifd, t.weight_decay),

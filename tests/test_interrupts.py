@@ -1,0 +1,165 @@
+"""Interrupted stages with real processes: SIGTERM to `chain` (no orphan, no double run, resume once),
+a second run on a locked stage, SIGINT (Ctrl-C) checkpoints like a preemption, a torn metrics line and
+a garbage `latest` do not block --resume, and a preemption signal during data preparation."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli, write_spec
+
+from compt_scale.chain.manifest import Manifest
+from compt_scale.errors import EXIT_PREEMPTED
+from compt_scale.launch.torchrun import _children
+
+pytestmark = pytest.mark.slow
+
+
+def records(stage_dir: Path) -> list[dict]:
+    try:
+        lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for ln in lines:
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def last_step(stage_dir: Path) -> int:
+    return max((r.get("step", 0) for r in records(stage_dir)), default=0)
+
+
+def losses(stage_dir: Path) -> dict:
+    return {r["step"]: (r["loss"], r["lr"]) for r in records(stage_dir) if "loss" in r}
+
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "compt_scale.cli", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(cond, proc, timeout=300, what="condition"):
+    deadline = time.time() + timeout
+    while not cond():
+        assert proc.poll() is None, f"process ended ({proc.returncode}) before {what}: {proc.communicate()}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def descendants(pid: int) -> list[int]:
+    kids = _children(pid)
+    return kids + [g for k in kids for g in descendants(k)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def test_sigterm_to_chain_stops_its_stage_and_resume_continues_once(tmp_path, tiny_data):
+    steps = 60
+    spec = write_spec(tmp_path / "c.yaml", [{"name": "a", "model": "llama-xs", "tokens": steps * 4 * 32}],
+                      data_dir=tiny_data, train={"save_every": 5, "eval_every": 1000})
+    out = tmp_path / "out"
+    chain = start("chain", spec, "--out", out, "--no-baselines")
+    wait_for(lambda: last_step(out / "a") >= 3, chain, what="step 3")
+    kids = descendants(chain.pid)
+    assert kids
+
+    # While it runs, the stage is locked: a second `stage` or `chain --resume` is one line, exit 2.
+    # (The holder is paused meanwhile so this tiny stage cannot finish before the checks.)
+    holder = json.loads((out / "a" / ".lock").read_text())
+    assert holder["pid"] in kids
+    os.kill(holder["pid"], signal.SIGSTOP)
+    for args in (("stage", spec, "--stage", "a", "--out", out, "--resume"),
+                 ("chain", spec, "--out", out, "--resume", "--no-baselines")):
+        r = run_cli(*args, check=False)
+        assert r.returncode == 2, (args, r.stdout[-2000:], r.stderr[-3000:])
+        err = r.stderr.strip().splitlines()
+        assert len(err) == 1 and "stage a is already running" in err[0] and f"pid {holder['pid']}" in err[0], err
+    assert Manifest(out).stage("a")["status"] == "running"
+    assert chain.poll() is None and last_step(out / "a") < steps, "the stage must still be mid-run"
+
+    os.kill(holder["pid"], signal.SIGCONT)
+    chain.send_signal(signal.SIGTERM)
+    _, err = chain.communicate(timeout=120)
+    assert chain.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert not [k for k in kids if alive(k)], "the stage process outlived `chain`"
+    assert Manifest(out).stage("a")["status"] == "preempted"
+    assert not (out / "a" / ".lock").exists()
+    stopped_at = last_step(out / "a")
+    assert stopped_at < steps
+
+    run_cli("chain", spec, "--out", out, "--resume", "--no-baselines")
+    recs = records(out / "a")
+    loss_steps = [r["step"] for r in recs if "loss" in r]
+    assert loss_steps == list(range(1, steps + 1)), loss_steps      # strictly increasing, no step twice
+    assert sum(bool(r.get("final")) for r in recs) == 1
+    assert Manifest(out).stage("a")["status"] == "done"
+
+
+def test_sigint_checkpoints_and_torn_state_falls_back_to_a_good_checkpoint(tmp_path, tiny_data):
+    steps = 30
+    spec = write_spec(tmp_path / "r.yaml", [{"name": "a", "model": "llama-xs", "tokens": steps * 4 * 32}],
+                      data_dir=tiny_data, train={"save_every": 5, "eval_every": 1000})
+    run_cli("stage", spec, "--stage", "a", "--out", tmp_path / "ref")
+    ref = losses(tmp_path / "ref" / "a")
+    assert sorted(ref) == list(range(1, steps + 1))
+
+    out = tmp_path / "out"
+    proc = start("stage", spec, "--stage", "a", "--out", out)
+    wait_for(lambda: last_step(out / "a") >= 12, proc, what="step 12")
+    proc.send_signal(signal.SIGINT)          # Ctrl-C: checkpoint and exit like a preemption
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert Manifest(out).stage("a")["status"] == "preempted"
+    ckpt = out / "a" / "checkpoints"
+    stopped = int((ckpt / "latest").read_text().removeprefix("global_step"))
+    assert 12 <= stopped < steps and stopped == last_step(out / "a")
+
+    # What a kill at the wrong moment can leave: `latest` garbage, the newest checkpoint truncated, a
+    # torn last metrics line. --resume falls back to the previous kept checkpoint and says so.
+    kept = sorted(int(p.name.removeprefix("global_step")) for p in ckpt.glob("global_step*"))
+    assert len(kept) == 2 and kept[-1] == stopped
+    (ckpt / "latest").write_text("\x00garbage")
+    newest = ckpt / f"global_step{stopped}"
+    states = sorted(newest.glob("*model_states.pt"))
+    assert states
+    states[0].write_bytes(states[0].read_bytes()[:100])
+    with open(out / "a" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "loss": 1.2')
+    r = run_cli("stage", spec, "--stage", "a", "--out", out, "--resume")
+    said = [ln for ln in r.stderr.splitlines() if ln.startswith("[resume]")]
+    assert len(said) == 1 and f"global_step{kept[0]}" in said[0], r.stderr[-3000:]
+    assert losses(out / "a") == ref                                # same as never interrupted
+    assert records(out / "a")[-1]["val_loss"] == records(tmp_path / "ref" / "a")[-1]["val_loss"]
+
+
+def test_preemption_signal_during_data_preparation_is_recorded_and_resumable(tmp_path):
+    # No prepared data: the stage starts by training a tokenizer and packing the corpus.
+    spec = write_spec(tmp_path / "d.yaml", [{"name": "a", "model": "llama-xs", "tokens": 5 * 4 * 32}])
+    out = tmp_path / "out"
+    proc = start("stage", spec, "--stage", "a", "--out", out)
+    wait_for(lambda: any(out.glob(".data.tmp-*")), proc, what="data preparation")
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert "data preparation" in err
+    assert Manifest(out).stage("a")["status"] == "preempted"
+    assert not (out / "a" / "checkpoints").exists()
+    run_cli("stage", spec, "--stage", "a", "--out", out, "--resume")
+    assert Manifest(out).stage("a")["status"] == "done"
+    assert records(out / "a")[-1].get("final")
