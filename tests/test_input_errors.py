@@ -211,7 +211,8 @@ def run_case(case: str, d: Path) -> tuple[subprocess.CompletedProcess, list[str]
 
 # What a failing stage may leave: its manifest record (the failure, for `--status` and `report`), the
 # spec copy, the manifest lock. Never a stage dir, a checkpoint, or a half-built data dir.
-ALLOWED_AFTER = {"out", "out/manifest.json", "out/.manifest.lock", "out/chain.yaml", "out/.data.lock"}
+ALLOWED_AFTER = {"out", "out/manifest.json", "out/.manifest.lock", "out/.manifest.reserve", "out/chain.yaml",
+                 "out/.data.lock"}
 
 
 @pytest.fixture(scope="module")
