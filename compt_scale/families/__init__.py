@@ -11,6 +11,8 @@
   dataset(spec, data_dir, split)               `.batch(indices)` -> tuple of tensors, `len()`
   tokens_per_sample(spec), stage_macs(student_cfg, teacher_cfg, spec, samples)
   load_export(path), export(model, state, data_dir, out), probe(model, batch)
+  flops_per_token(config, spec)                model FLOPs per token (MFU), student only
+  liger_supported(config), apply_liger(model)  liger-kernel patches (HF Llama family only)
 Growth goes through the shared registry (compt_scale.grow) with the family's layout tables.
 """
 from __future__ import annotations

@@ -168,6 +168,21 @@ def probe(model, batch) -> torch.Tensor:
     return torch.cat([img.float(), txt.float()], dim=-1)
 
 
+def flops_per_token(cfg: dict, spec) -> float:
+    """Model FLOPs per image-caption pair (the MFU numerator; a CLIP "token" is a pair): 2 FLOPs per
+    MAC x 3 (forward + backward) x the forward MACs, as the decoders' 6 N convention."""
+    from ..flops import clip_macs
+    return 2 * 3 * clip_macs(cfg, captions=1)["forward_per_sample"]
+
+
+def liger_supported(cfg: dict) -> bool:
+    return False  # liger-kernel patches HF decoders only
+
+
+def apply_liger(model) -> None:
+    raise CompTError("train.liger: liger-kernel supports HF Llama-family decoders, not open_clip models")
+
+
 # ---------------------------------------------------------------- data, budgets, export
 
 def prepare(spec, data_dir: Path) -> Path:
