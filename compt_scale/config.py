@@ -76,6 +76,8 @@ class TrainSpec:
     save_every: int = 100
     log_every: int = 10
     export_shard_bytes: int = 5 * 2**30   # max safetensors shard of a stage's export (HF's default)
+    compile: bool = False              # torch.compile the student (in the engine) and the teacher forward
+    liger: str | bool = "auto"         # liger-kernel for HF Llama-family: auto (if installed + CUDA) | on | off
 
 
 @dataclass
@@ -255,6 +257,10 @@ def _validate_section(obj, where: str) -> None:
             raise CompTError(f"{where}.zero_stage: must be 0, 1, 2, 3 or 'auto', got {obj.zero_stage!r}")
         if obj.precision not in ("fp32", "bf16"):
             raise CompTError(f"{where}.precision: must be fp32 or bf16, got {obj.precision!r}")
+        if isinstance(obj.liger, bool):  # YAML 1.1 reads a bare on/off as true/false
+            obj.liger = "on" if obj.liger else "off"
+        if obj.liger not in ("auto", "on", "off"):
+            raise CompTError(f"{where}.liger: must be auto, on or off, got {obj.liger!r}")
         if obj.ds_config is not None and not Path(obj.ds_config).is_file():
             raise CompTError(f"{where}.ds_config: file not found: {obj.ds_config}")
     elif isinstance(obj, IFDSpec):

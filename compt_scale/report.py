@@ -108,12 +108,25 @@ def _fmt(v, kind: str) -> str:
     return f"{v:.4f}"
 
 
+def _throughput(r: dict, key: str) -> float | None:
+    """Median of a stage's logged `tokens_per_s` / `mfu`; the first logged window (start-up,
+    compilation) is left out when there are others."""
+    vals = [m[key] for m in r["metrics"] if m.get(key) is not None and "loss" in m]
+    vals = sorted(vals[1:] if len(vals) > 1 else vals)
+    return vals[len(vals) // 2] if vals else None
+
+
 def _table_rows(recs: list[dict]) -> list[list[str]]:
-    return [[r["name"], r["kind"], r.get("status", "-"), _fmt(r.get("params"), "int"), _fmt(r.get("tokens"), "int"),
-             _fmt(r.get("macs"), "macs"), _fmt(r.get("final_val_loss"), "loss")] for r in recs]
+    rows = []
+    for r in recs:
+        tps, mfu = _throughput(r, "tokens_per_s"), _throughput(r, "mfu")
+        rows.append([r["name"], r["kind"], r.get("status", "-"), _fmt(r.get("params"), "int"),
+                     _fmt(r.get("tokens"), "int"), _fmt(r.get("macs"), "macs"), _fmt(r.get("final_val_loss"), "loss"),
+                     "-" if tps is None else human(tps), "-" if mfu is None else f"{100 * mfu:.1f}%"])
+    return rows
 
 
-HEADER = ["stage", "kind", "status", "params", "tokens", "MACs", "final_val_loss"]
+HEADER = ["stage", "kind", "status", "params", "tokens", "MACs", "final_val_loss", "tokens/s", "MFU"]
 
 
 def report_table(out_dir) -> str:

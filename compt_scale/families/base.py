@@ -40,6 +40,10 @@ class Family:
     dataset: Callable[[Any, Path, str], Any]                  # (spec, data_dir, split): `.batch(idx)`
     tokens_per_sample: Callable[[Any], int]
     stage_macs: Callable[[Config, Config | None, Any, int], dict]   # one optimizer step
+    flops_per_token: Callable[[Config, Any], float]           # model FLOPs per budget unit (MFU)
+    # ---- speedups
+    liger_supported: Callable[[Config], bool]                 # liger-kernel has patches for it
+    apply_liger: Callable[[Any], None]
     validate_chain: Callable[[Any], None]                     # config-level checks, one-line errors
 
     def __post_init__(self):

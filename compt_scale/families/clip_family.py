@@ -151,6 +151,21 @@ def probe(model, batch) -> torch.Tensor:
     return torch.cat([img.float(), txt.float()], dim=-1)
 
 
+def flops_per_token(cfg: dict, spec) -> float:
+    """Model FLOPs per image-caption pair (the MFU numerator; a CLIP "token" is a pair): 2 FLOPs per
+    MAC x 3 (forward + backward) x the forward MACs, as the decoders' 6 N convention."""
+    from ..flops import clip_macs
+    return 2 * 3 * clip_macs(cfg, captions=1)["forward_per_sample"]
+
+
+def liger_supported(cfg: dict) -> bool:
+    return False  # liger-kernel patches HF decoders only
+
+
+def apply_liger(model) -> None:
+    raise CompTError("train.liger: liger-kernel supports HF Llama-family decoders, not open_clip models")
+
+
 # ---------------------------------------------------------------- data, budgets, export
 
 def prepare(spec, data_dir: Path) -> Path:
@@ -278,4 +293,5 @@ FAMILY = Family(
     plan_config=plan_config, model_config=model_config, param_count=param_count, build=build,
     config_of=config_of, load_export=load_export, export=export, feature_dims=feature_dims,
     losses=losses, features=features, probe=probe, prepare=prepare, dataset=dataset,
-    tokens_per_sample=tokens_per_sample, stage_macs=stage_macs, validate_chain=validate_chain)
+    tokens_per_sample=tokens_per_sample, stage_macs=stage_macs, validate_chain=validate_chain,
+    flops_per_token=flops_per_token, liger_supported=liger_supported, apply_liger=apply_liger)

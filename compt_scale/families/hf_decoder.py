@@ -82,10 +82,45 @@ def losses(model, batch):
     packed sequence.
     """
     input_ids, labels = batch
+    if getattr(model, LIGER_ATTR, False):
+        # liger's fused linear cross-entropy: the [B*T, vocab] logits are never materialized. The
+        # final hidden state is the same tensor out.hidden_states[-1] would be (post final norm).
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        h = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        loss = LigerFusedLinearCrossEntropyLoss()(model.get_output_embeddings().weight,
+                                                  h.reshape(-1, h.size(-1)), labels.reshape(-1))
+        return loss, [h]
     out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
     logits = out.logits
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
     return loss, [out.hidden_states[-1]]
+
+
+def flops_per_token(config, spec) -> float:
+    """Model FLOPs per trained token, the MFU convention of shared/gpu/README.md:
+    6 N (forward + backward over every parameter) + 12 n_layers d_model seq (attention, not halved)."""
+    return 6 * param_count(config) + 12 * int(config.num_hidden_layers) * hidden_size(config) * spec.data.seq_len
+
+
+# liger-kernel: model types whose RMSNorm / SwiGLU / RoPE it patches, and the patch function's name.
+LIGER_PATCHES = {"llama": "apply_liger_kernel_to_llama", "mistral": "apply_liger_kernel_to_mistral",
+                 "qwen2": "apply_liger_kernel_to_qwen2"}
+LIGER_ATTR = "compt_liger"
+
+
+def liger_supported(config) -> bool:
+    return config.model_type in LIGER_PATCHES
+
+
+def apply_liger(model) -> None:
+    """Patch `model` in place with liger's Triton RMSNorm, SwiGLU and RoPE; `losses` then uses liger's
+    fused linear cross-entropy (called directly: the loss takes pre-shifted labels, which liger's
+    patched forward would shift again)."""
+    import liger_kernel.transformers as liger
+    patch = getattr(liger, LIGER_PATCHES[model.config.model_type])
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+          model=model)
+    setattr(model, LIGER_ATTR, True)
 
 
 def features(model, batch):
@@ -243,4 +278,5 @@ FAMILY = Family(
     plan_config=plan_config, model_config=model_config, param_count=param_count, build=build,
     config_of=config_of, load_export=load_export, export=export, feature_dims=feature_dims,
     losses=losses, features=features, probe=probe, prepare=prepare, dataset=dataset,
-    tokens_per_sample=tokens_per_sample, stage_macs=stage_macs, validate_chain=validate_chain)
+    tokens_per_sample=tokens_per_sample, stage_macs=stage_macs, validate_chain=validate_chain,
+    flops_per_token=flops_per_token, liger_supported=liger_supported, apply_liger=apply_liger)

@@ -5,7 +5,6 @@ eval, checkpoint, preemption check -> final eval -> probe logits -> export.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -14,16 +13,16 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ..chain import lock as stage_lock
+from ..data.loader import PrefetchLoader
 from ..data.packed import sample_indices
 from ..errors import EXIT_PREEMPTED, CompTError
-from ..files import atomic_write_text
 from . import checkpoint, preemption
-from .distributed import all_reduce_flags, all_reduce_mean, device
+from .distributed import all_reduce_mean, device
+from .metrics import MetricsLog, StepLosses, Throughput, mfu, peak_flops
 from .objective import FrozenTeacher, StudentWithIFD, calibrate_alpha
+from .speedups import apply_speedups
 
 
 @dataclass
@@ -59,44 +58,6 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class MetricsLog:
-    """metrics.jsonl + TensorBoard, written by rank 0 only."""
-
-    def __init__(self, stage_dir: Path, resume_step: int | None):
-        self.rank0 = dist.get_rank() == 0
-        self.path = stage_dir / "metrics.jsonl"
-        if self.rank0:
-            lines = self.path.read_text().splitlines() if (resume_step is not None and self.path.is_file()) else []
-            # On resume, drop what was logged after the checkpoint (it is about to be redone) and a
-            # line torn by the kill.
-            recs = [r for r in map(_parse_line, lines) if r is not None]
-            kept = [r for r in recs if r.get("step", 0) <= (resume_step or 0) and not r.get("final")]
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-            self.tb = SummaryWriter(str(stage_dir / "tb"))
-
-    def write(self, rec: dict) -> None:
-        if not self.rank0:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        stage_lock.heartbeat()
-        for k, v in rec.items():
-            if k not in ("step", "final") and isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, rec["step"])
-
-    def close(self) -> None:
-        if self.rank0:
-            self.tb.close()
-
-
-def _parse_line(line: str) -> dict | None:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
 def to_device(batch) -> tuple:
     return tuple(v.to(device()) for v in batch)
 
@@ -104,17 +65,16 @@ def to_device(batch) -> tuple:
 def evaluate(module, val, cfg: LoopConfig) -> float:
     rank, world = dist.get_rank(), dist.get_world_size()
     mb = cfg.train.micro_batch_size
-    total, n = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device())
     module.eval()
     with torch.no_grad():
         for b in range(cfg.train.eval_batches):
             # A fixed slice of the validation set, split over ranks: the same number every eval.
             idx = [(b * world * mb + rank * mb + j) % len(val) for j in range(mb)]
             task, _ = module(to_device(val.batch(idx)))
-            total += task.item()
-            n += 1
+            total += task.detach().double()  # summed on the device: one read-back per eval
     module.train()
-    return all_reduce_mean(total / n)
+    return all_reduce_mean(total.item() / cfg.train.eval_batches)
 
 
 def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None, cfg: LoopConfig) -> dict:
@@ -124,6 +84,11 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     val_data = cfg.family.dataset(cfg.spec, cfg.data_dir, "val")
     ckpt_dir = cfg.stage_dir / "checkpoints"
     preempt = preemption.install()  # usually already installed by `stage`, first thing
+    student_cfg = cfg.family.config_of(student_with_ifd.student)
+    applied = apply_speedups(student_with_ifd.student, teacher, t, cfg.family, student_cfg,
+                             cfg.ds_config["zero_optimization"]["stage"])
+    if rank == 0 and (applied["liger"] or applied["compile"]):
+        print(f"[{cfg.stage}] liger: {applied['liger']}, torch.compile: {applied['compile']}", flush=True)
 
     engine, _, _, _ = deepspeed.initialize(
         model=student_with_ifd, model_parameters=param_groups(student_with_ifd, t.weight_decay),
@@ -153,39 +118,53 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.tokens_per_sample
     start = loop["step"]
     preempted = False
-    # A context manager, so the bar is closed before an error line is printed, never after it.
-    with tqdm(total=cfg.steps, initial=start, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True) as bar:
+    # MFU counts the student's model FLOPs only (metrics.py); null on CPU and unknown devices.
+    flops_per_token, peak = cfg.family.flops_per_token(student_cfg, cfg.spec), peak_flops(device())
+    losses, speed = StepLosses(device(), t.grad_accum), Throughput(start)
+    batches = PrefetchLoader(train_data, seed=cfg.seed, start=start, steps=cfg.steps, grad_accum=t.grad_accum,
+                             micro_batch=t.micro_batch_size, rank=rank, world=world, device=device())
+    # Context managers: the bar is closed before an error line is printed, never after it, and the
+    # prefetch thread is stopped on every way out.
+    with tqdm(total=cfg.steps, initial=start, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True) as bar, \
+            batches:
         t0 = time.time()
         for step in range(start, cfg.steps):
-            task_sum = ifd_sum = 0.0
-            for micro in range(t.grad_accum):
-                idx = sample_indices(len(train_data), cfg.seed, step, micro, t.grad_accum, t.micro_batch_size, rank, world)
-                batch = to_device(train_data.batch(idx))
+            # The step body only queues work: losses stay on the device, nothing waits for it.
+            losses.start_step()
+            for _ in range(t.grad_accum):
+                _, _, batch = next(batches)
                 feats = teacher.features(batch) if (teacher is not None and alpha > 0) else None
                 task, ifd = engine(batch, feats, alpha)
-                loss = task + ifd
-                engine.backward(loss)
+                engine.backward(task + ifd)
                 engine.step()
-                task_sum += task.item() / t.grad_accum
-                ifd_sum += ifd.item() / t.grad_accum
-            bad_loss, stop = all_reduce_flags(not math.isfinite(task_sum + ifd_sum), preempt.requested)
-            if bad_loss:
-                raise CompTError(f"stage {cfg.stage}: loss is not finite at step {step + 1} "
-                                 f"(task {task_sum:.4g}, ifd {ifd_sum:.4g}); earlier checkpoints kept")
+                losses.add(task, ifd)
             done = step + 1
-            rec = {"step": done, "tokens": done * tokens_per_step, "macs": done * cfg.macs_per_step,
-                   "loss": task_sum + ifd_sum, "task_loss": task_sum, "ifd_loss": ifd_sum,
-                   "lr": engine.get_lr()[0], "alpha": alpha}
-            if done % t.log_every == 0 or done == 1:
-                log.write(rec)
+            losses.end_step(done)
             bar.update(1)
-            bar.set_postfix(loss=f"{task_sum:.3f}", ifd=f"{ifd_sum:.3f}")
-            if done % t.eval_every == 0 and done < cfg.steps:
-                val = evaluate(engine, val_data, cfg)
-                log.write({"step": done, "tokens": rec["tokens"], "macs": rec["macs"], "val_loss": val})
-            if done % t.save_every == 0 or stop:
+            log_now = done % t.log_every == 0 or done == 1
+            eval_now = done % t.eval_every == 0 and done < cfg.steps
+            save_now = done % t.save_every == 0
+            if not (log_now or eval_now or save_now or done == cfg.steps):
+                continue
+            # The host decides only here: non-finite loss and preemption in one collective (so a
+            # signal is acted on at the next log/eval/save step).
+            st = losses.sync(preempt.requested)
+            if st["bad_step"] is not None:
+                raise CompTError(f"stage {cfg.stage}: loss is not finite at step {st['bad_step']} "
+                                 f"(task {st['bad_task']:.4g}, ifd {st['bad_ifd']:.4g}); earlier checkpoints kept")
+            rec = {"step": done, "tokens": done * tokens_per_step, "macs": done * cfg.macs_per_step}
+            if log_now:
+                rate = speed.rate(done, tokens_per_step)
+                log.write({**rec, "loss": st["task"] + st["ifd"], "task_loss": st["task"], "ifd_loss": st["ifd"],
+                           "lr": engine.get_lr()[0], "alpha": alpha, "tokens_per_s": rate,
+                           "mfu": mfu(flops_per_token, rate, peak, world)})
+                bar.set_postfix(loss=f"{st['task']:.3f}", ifd=f"{st['ifd']:.3f}")
+            if eval_now:
+                log.write({**rec, "val_loss": evaluate(engine, val_data, cfg)})
+            if save_now or st["stop"]:
                 checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha})
-            if stop:
+            speed.pause(done)  # eval and checkpoints are not training throughput
+            if st["stop"]:
                 preempted = True
                 break
     if preempted:

@@ -43,10 +43,15 @@ class FrozenTeacher:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.config = family.config_of(model)
+        self._features = family.features
+
+    def compile(self) -> None:
+        """torch.compile the feature forward (train.compile)."""
+        self._features = torch.compile(self.family.features)
 
     @torch.no_grad()
     def features(self, batch) -> list[torch.Tensor]:
-        return self.family.features(self.model, batch)
+        return self._features(self.model, batch)
 
 
 def calibrate_alpha(module: StudentWithIFD, teacher: FrozenTeacher, batches, ratio: float,
