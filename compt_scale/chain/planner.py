@@ -74,8 +74,8 @@ def fill_budgets(spec) -> None:
     get tokens_i = s * w_i with w = budget_weights(n), a linear decrease. The scale s is solved so that
     the chain's predicted MACs = baseline cost / target_speedup, where the baseline is the largest
     model trained alone on budget.baseline_tokens (the paper's "relax the ratio and scale every
-    model's epochs proportionally" is exactly a change of s). Each budget is then rounded to whole
-    optimizer steps; the target is infeasible (CompTError) when m1 alone already costs the target,
+    model's epochs proportionally" is exactly a change of s). Each grown model's budget is then rounded
+    to whole optimizer steps; the target is infeasible (CompTError) when m1 alone already costs the target,
     when a stage would get less than one step, or when the rounded plan's speedup is more than
     TARGET_TOLERANCE off the target. Baselines without tokens get baseline_tokens. Idempotent: a stage
     may already carry the value this function would set (a resolved spec re-validated), but any other
@@ -87,7 +87,7 @@ def fill_budgets(spec) -> None:
     n = len(spec.stages)
     target = baseline_cost(spec, b.baseline_tokens)["macs"] / b.target_speedup
     first = spec.stages[0]
-    filled = [max(1, round(b.baseline_tokens / tokens_per_step(spec, first))) * tokens_per_step(spec, first)]
+    filled = [b.baseline_tokens]  # exactly the baseline's budget: the same steps as individual training
     basis = {first.name: "rule 3: m1 gets the standard budget (budget.baseline_tokens)"}
     first_cost = stage_cost(spec, first, filled[0])["macs"]
     if n > 1 and first_cost >= target:
