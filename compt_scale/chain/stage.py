@@ -76,7 +76,6 @@ def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> di
 
 def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     from ..grow import grow_state
-    from ..kernels import IFDProjection
     from ..train.ds_config import build_ds_config, describe
     from ..train.loop import LoopConfig, train_stage
     from ..train.objective import FrozenTeacher, StudentWithIFD
@@ -104,7 +103,7 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
         if ifd.enabled:
             dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
             teacher = FrozenTeacher(family, teacher_model, dtype, device())
-            heads = [IFDProjection(d_s, d_t) for d_s, d_t in zip(family.feature_dims(cfg), family.feature_dims(t_cfg))]
+            heads = family.ifd_heads(cfg, t_cfg, spec.ifd_for(stage))
     n_params = sum(p.numel() for p in student.parameters())
     steps = steps_for(spec, name, world)
     samples_per_step = train.micro_batch_size * train.grad_accum * world

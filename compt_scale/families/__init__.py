@@ -6,6 +6,7 @@
   plan_config(spec, stage), param_count(cfg)   the same before any data exists (the planner)
   build(config, seed) -> model                 fresh init (the student's own init for growth)
   config_of(model), feature_dims(config)       IFD feature streams and their widths
+  ifd_heads(config, teacher_config, ifd)       the projections T, one per stream
   losses(model, batch) -> (task, [features])   the student's forward
   features(model, batch) -> [features]         the teacher's forward
   dataset(spec, data_dir, split)               `.batch(indices)` -> tuple of tensors, `len()`

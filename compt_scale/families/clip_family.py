@@ -114,6 +114,16 @@ def feature_dims(cfg: dict) -> list[int]:
     return [int(cfg["embed_dim"])] * 2
 
 
+def ifd_heads(cfg: dict, teacher_cfg: dict, ifd) -> list[torch.nn.Module]:
+    """One T per stream (image, text). `ifd.normalize: before` (default, as the official code): T
+    sits before the L2 normalization, L_IFD = ||normalize(T s) - t||^2; `after`: T maps the unit
+    embedding, L_IFD = ||T(s) - t||^2 with the fused kernel."""
+    from ..kernels import IFDProjection
+    from ..train.objective import UnitIFDProjection
+    head = UnitIFDProjection if ifd.normalize == "before" else IFDProjection
+    return [head(d_s, d_t) for d_s, d_t in zip(feature_dims(cfg), feature_dims(teacher_cfg), strict=True)]
+
+
 def _embed(model, batch):
     """(image_features, text_features, logit_scale) through CLIP.forward, never encode_* directly:
     under ZeRO-3 the root module's own parameters (text_projection, positional_embedding,
@@ -143,7 +153,8 @@ def _clip_loss():
 def losses(model, batch):
     """(contrastive loss, [image_features, text_features]) in one forward.
 
-    IFD uses the L2-normalized embeddings (what CLIP.forward returns): the contrastive loss sees only
+    IFD uses the L2-normalized embeddings (what CLIP.forward returns; `ifd.normalize` places T before
+    or after that normalization, see ifd_heads): the contrastive loss sees only
     their directions, so an embedding's norm is a free, unanchored quantity; an MSE on raw embeddings
     would mostly teach the student to match the teacher's arbitrary norms (which also differ between
     model sizes), while on unit vectors it transfers exactly what the task uses - the geometry of the

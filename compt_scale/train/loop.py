@@ -1,7 +1,7 @@
 """The training loop of one stage, on a DeepSpeed engine. Reads top to bottom:
 
 set up engine -> resume or calibrate alpha -> for each step: micro-batches, backward, step, log,
-eval, checkpoint, preemption check -> final eval -> probe logits -> export.
+eval (and alpha: auto re-calibrated), checkpoint, preemption check -> final eval -> probe logits -> export.
 """
 from __future__ import annotations
 
@@ -22,7 +22,13 @@ from ..data.packed import sample_indices
 from ..errors import EXIT_PREEMPTED, CompTError
 from . import checkpoint
 from .distributed import all_reduce_flags, all_reduce_mean, device
-from .objective import FrozenTeacher, StudentWithIFD, calibrate_alpha
+from .objective import (
+    AutoAlpha,
+    FrozenTeacher,
+    StudentWithIFD,
+    alpha_at,
+    calibrate_alpha,
+)
 
 
 @dataclass
@@ -144,12 +150,15 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
                          for m in range(cfg.ifd.calib_batches)]
                 alpha = calibrate_alpha(engine.module, teacher, calib, cfg.ifd.ratio, reduce=all_reduce_mean)
             else:
-                alpha = float(cfg.ifd.alpha)
+                alpha = alpha_at(cfg.ifd.alpha, 0.0, 0, cfg.steps) if isinstance(cfg.ifd.alpha, dict) \
+                    else float(cfg.ifd.alpha)
         loop = {"step": 0, "alpha": alpha}
         resumed_from = None
     else:
         resumed_from = loop["step"]
     alpha = loop["alpha"]
+    # alpha: auto is re-set at every eval from the steps since the previous one (objective.AutoAlpha)
+    auto = AutoAlpha(loop) if (cfg.ifd.alpha == "auto" and teacher is not None and cfg.ifd.enabled) else None
     log = MetricsLog(cfg.stage_dir, resumed_from)
     tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.tokens_per_sample
     start = loop["step"]
@@ -159,6 +168,8 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
         t0 = time.time()
         for step in range(start, cfg.steps):
             task_sum = ifd_sum = 0.0
+            if teacher is not None and cfg.ifd.enabled:
+                alpha = alpha_at(cfg.ifd.alpha, alpha, step, cfg.steps)
             for micro in range(t.grad_accum):
                 idx = sample_indices(len(train_data), cfg.seed, step, micro, t.grad_accum, t.micro_batch_size, rank, world)
                 batch = to_device(train_data.batch(idx))
@@ -173,6 +184,8 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
             if bad_loss:
                 raise CompTError(f"stage {cfg.stage}: loss is not finite at step {step + 1} "
                                  f"(task {task_sum:.4g}, ifd {ifd_sum:.4g}); earlier checkpoints kept")
+            if auto is not None:
+                auto.observe(task_sum, ifd_sum, alpha)
             done = step + 1
             rec = {"step": done, "tokens": done * tokens_per_step, "macs": done * cfg.macs_per_step,
                    "loss": task_sum + ifd_sum, "task_loss": task_sum, "ifd_loss": ifd_sum,
@@ -183,9 +196,14 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
             bar.set_postfix(loss=f"{task_sum:.3f}", ifd=f"{ifd_sum:.3f}")
             if done % t.eval_every == 0 and done < cfg.steps:
                 val = evaluate(engine, val_data, cfg)
-                log.write({"step": done, "tokens": rec["tokens"], "macs": rec["macs"], "val_loss": val})
+                evrec = {"step": done, "tokens": rec["tokens"], "macs": rec["macs"], "val_loss": val}
+                if auto is not None:  # the alpha of the steps from here to the next eval
+                    alpha = auto.recalibrate(alpha, cfg.ifd.ratio, reduce=all_reduce_mean)
+                    evrec["alpha"] = alpha
+                log.write(evrec)
             if done % t.save_every == 0 or stop:
-                checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha})
+                checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha,
+                                                         **(auto.state() if auto is not None else {})})
             if stop:
                 preempted = True
                 break
