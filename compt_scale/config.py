@@ -82,9 +82,12 @@ class TrainSpec:
 
 @dataclass
 class IFDSpec:
-    alpha: float | str = "auto"        # a number, or "auto": L_ifd ~= ratio * L_task on calib batches
+    # a number; "auto": L_ifd ~= ratio * L_task, calibrated on calib batches, then re-calibrated at
+    # every eval; or {schedule: linear, start: A, end: B} (B defaults to 0) over the stage's steps
+    alpha: float | str | dict = "auto"
     ratio: float = 0.1
     calib_batches: int = 4
+    normalize: str = "before"          # CLIP: T before ("before") or after the embeddings' L2 norm
     enabled: bool = True
 
 
@@ -204,7 +207,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         return None if value is None else _coerce(value, "int", where)
     if t == "str | None":
         return None if value is None else _coerce(value, "str", where)
-    if t == "float | str":
+    if t == "float | str | dict" and isinstance(value, dict):
+        return value
+    if t in ("float | str", "float | str | dict"):
         if isinstance(value, str) and value != "auto":
             try:
                 value = float(value)
@@ -241,6 +246,21 @@ def _merge(base, overrides: dict, where: str):
     return merged
 
 
+def _check_alpha_schedule(sched: dict, where: str) -> None:
+    """{schedule: linear, start: A, end: B=0}: alpha goes linearly from A at step 0 to B at the last step."""
+    for k in sched:
+        if k not in ("schedule", "start", "end"):
+            raise CompTError(f"{where}.{k}: unknown field (allowed: end, schedule, start)")
+    if sched.get("schedule") != "linear":
+        raise CompTError(f"{where}.schedule: only 'linear' is supported, got {sched.get('schedule')!r}")
+    for key in ("start", "end"):
+        if key == "start" and key not in sched:
+            raise CompTError(f"{where}.start: required for a schedule")
+        v = sched.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise CompTError(f"{where}.{key}: must be a number >= 0, got {v!r}")
+
+
 def _validate_section(obj, where: str) -> None:
     if isinstance(obj, TrainSpec):
         for k in ("micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "log_every",
@@ -264,8 +284,13 @@ def _validate_section(obj, where: str) -> None:
         if obj.ds_config is not None and not Path(obj.ds_config).is_file():
             raise CompTError(f"{where}.ds_config: file not found: {obj.ds_config}")
     elif isinstance(obj, IFDSpec):
-        if obj.alpha != "auto" and (not isinstance(obj.alpha, float) or obj.alpha < 0):
-            raise CompTError(f"{where}.alpha: must be 'auto' or a number >= 0, got {obj.alpha!r}")
+        if isinstance(obj.alpha, dict):
+            _check_alpha_schedule(obj.alpha, f"{where}.alpha")
+        elif obj.alpha != "auto" and (not isinstance(obj.alpha, float) or obj.alpha < 0):
+            raise CompTError(f"{where}.alpha: must be 'auto', a number >= 0 or {{schedule: linear, start, end}}, "
+                             f"got {obj.alpha!r}")
+        if obj.normalize not in ("before", "after"):
+            raise CompTError(f"{where}.normalize: must be 'before' or 'after', got {obj.normalize!r}")
         if obj.ratio <= 0:
             raise CompTError(f"{where}.ratio: must be positive")
         if obj.calib_batches <= 0:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import CompTError, read_json
 from .flops import human
+from .quality import describe, eval_curve, matched_quality
 
 PLOTS = {"loss": "loss_vs_macs.png", "val": "val_loss_vs_macs.png", "cost": "stage_cost.png"}
 
@@ -98,6 +99,25 @@ def _totals(recs: list[dict]) -> dict:
     return {"chain_macs": chain, "baseline_macs": base or None, "ratio": (base / chain) if base and chain else None}
 
 
+def _matched(recs: list[dict]) -> list[str]:
+    """The matched-quality line (compt_scale.quality) of every chain model that has an independent
+    baseline of the same model with a final val loss."""
+    lines = []
+    for r in recs:
+        if r["kind"] != "chain":
+            continue
+        base = next((b for b in recs if b["kind"] == "baseline" and b.get("model") == r.get("model")
+                     and b.get("final_val_loss") is not None and b.get("macs")), None)
+        curve = eval_curve(r["metrics"])
+        if base is None or not curve:
+            continue
+        final = r.get("final_val_loss") if r.get("final_val_loss") is not None else curve[-1][1]
+        q = matched_quality(curve, r["offset"], final, eval_curve(base["metrics"]), base["macs"],
+                            base["final_val_loss"])
+        lines.append(describe(r["name"], base["name"], q))
+    return lines
+
+
 def _fmt(v, kind: str) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
@@ -142,7 +162,11 @@ def report_table(out_dir) -> str:
     if t["baseline_macs"]:
         lines.append(f"independent baselines total MACs: {_fmt(t['baseline_macs'], 'macs')} "
                      f"({human(t['baseline_macs'])})")
-        lines.append(f"baseline / chain: {t['ratio']:.2f}x")
+        lines.append(f"baseline / chain total MACs: {t['ratio']:.2f}x (a compute ratio, not matched quality)")
+    matched = _matched(recs)
+    if matched:
+        lines.append("matched quality (MACs the chain spent to reach the baseline's final val loss):")
+        lines += [f"  {m}" for m in matched]
     return "\n".join(lines)
 
 
@@ -212,7 +236,14 @@ def write_report(out_dir) -> Path:
     summary = f"<p>Chain total: {esc(human(t['chain_macs']))} MACs ({t['chain_macs']:.4e}).</p>"
     if t["baseline_macs"]:
         summary += (f"<p>Independent baselines total: {esc(human(t['baseline_macs']))} MACs "
-                    f"({t['baseline_macs']:.4e}); baseline / chain = <b>{t['ratio']:.2f}x</b>.</p>")
+                    f"({t['baseline_macs']:.4e}); baseline / chain total MACs = {t['ratio']:.2f}x "
+                    f"(a compute ratio, not matched quality).</p>")
+        matched = _matched(recs)
+        if matched:
+            summary += ("<h2>Matched quality</h2><p>The MACs the chain (earlier stages and teacher forwards "
+                        "included) spent to reach the baseline's final val loss, interpolated on the eval "
+                        "curve; lossless = final val within 0.5% of the baseline's.</p><ul>"
+                        + "".join(f"<li>{esc(m)}</li>" for m in matched) + "</ul>")
     else:
         summary += "<p>No independent baselines in this run.</p>"
     errors = "".join(f"<li>{esc(r['name'])}: {esc(str(r['error']))}</li>" for r in recs if r.get("error"))

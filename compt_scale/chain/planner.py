@@ -1,8 +1,9 @@
 """Chain planning: per-stage training cost, the paper's design rules, and budget filling.
 
-Rule 2 (expansion ratio 2x-4x between consecutive models) is checked and warned about; rule 3 (the
-training budget decreases linearly along the chain) is how `fill_budgets` shapes the budgets when the
-spec gives only `budget: {baseline_tokens, target_speedup}`. The cost model is compt_scale.flops
+Rule 1 (the smallest model sized to the data) is checked as tokens per parameter of the first model;
+rule 2 (expansion ratio 2x-4x between consecutive models) is checked and warned about; rule 3 (m1 on
+the standard budget, the grown models' budgets decreasing linearly) is how `fill_budgets` shapes the
+budgets when the spec gives only `budget: {baseline_tokens, target_speedup}`. The cost model is compt_scale.flops
 (paper, appendix C.2): the chain's cost includes every stage's own training and its teacher's forwards.
 """
 from __future__ import annotations
@@ -63,33 +64,51 @@ def baseline_cost(spec, tokens: int) -> dict:
     return stage_cost(spec, spec.stages[-1], tokens)
 
 
+def budget_weights(n: int) -> list[int]:
+    """Rule 3's shape for a chain of n models: m1 is not on the ramp (it gets the standard budget);
+    the n-1 grown models get budgets proportional to n, n-1, ..., 2 - equal decrements, the largest
+    model keeping two of them. This is the paper's CC3M allocation: ViT-T 128 epochs, then ViT-S/B/L
+    24, 18, 12 epochs = 6 x (4, 3, 2) (Table 4a; the measured minima, Fig. 8, are 23.45, 18.28, 12.34)."""
+    return [n + 1 - i for i in range(1, n)]
+
+
 def fill_budgets(spec) -> None:
     """Set every chain stage's `tokens` from `spec.budget` (rule 3), in place.
 
-    Budgets are tokens_i = s * (n - i) for stages i = 0..n-1: a linear ramp down to the largest model.
-    The scale s is solved so that the chain's predicted MACs = baseline cost / target_speedup, where
-    the baseline is the largest model trained alone on budget.baseline_tokens (the paper's "relax the
-    ratio and scale every model's epochs proportionally" is exactly a change of s). Each budget is
-    then rounded to whole optimizer steps; the target is infeasible (CompTError) when a stage would get
-    less than one step or the rounded plan's speedup is more than TARGET_TOLERANCE off the target.
-    Baselines without tokens get baseline_tokens. Idempotent: a stage may already carry the value this
-    function would set (a resolved spec re-validated), but any other explicit value is an error.
+    m1 (the first, smallest model) gets the standard budget, budget.baseline_tokens, as individual
+    training would (the paper trains ViT-T for the baseline's 128 epochs). The grown models i = 1..n-1
+    get tokens_i = s * w_i with w = budget_weights(n), a linear decrease. The scale s is solved so that
+    the chain's predicted MACs = baseline cost / target_speedup, where the baseline is the largest
+    model trained alone on budget.baseline_tokens (the paper's "relax the ratio and scale every
+    model's epochs proportionally" is exactly a change of s). Each grown model's budget is then rounded
+    to whole optimizer steps; the target is infeasible (CompTError) when m1 alone already costs the target,
+    when a stage would get less than one step, or when the rounded plan's speedup is more than
+    TARGET_TOLERANCE off the target. Baselines without tokens get baseline_tokens. Idempotent: a stage
+    may already carry the value this function would set (a resolved spec re-validated), but any other
+    explicit value is an error.
     """
     b = spec.budget
     if b is None:
         return
     n = len(spec.stages)
     target = baseline_cost(spec, b.baseline_tokens)["macs"] / b.target_speedup
+    first = spec.stages[0]
+    filled = [b.baseline_tokens]  # exactly the baseline's budget: the same steps as individual training
+    basis = {first.name: "rule 3: m1 gets the standard budget (budget.baseline_tokens)"}
+    first_cost = stage_cost(spec, first, filled[0])["macs"]
+    if n > 1 and first_cost >= target:
+        raise CompTError(
+            f"budget.target_speedup: {b.target_speedup:g}x is infeasible: the first model {first.name!r} alone "
+            f"on the standard budget costs {human(first_cost)} MACs, more than the target's {human(target)}; "
+            f"lower the target or start the chain with a smaller model")
     # Cost is linear in tokens on whole steps: per-token cost = cost of one step / tokens of one step.
+    weights = budget_weights(n)
     per_token = []
-    for i, st in enumerate(spec.stages):
+    for i, st in enumerate(spec.stages[1:], start=1):
         tps = tokens_per_step(spec, st)
-        teacher = teacher_of(spec, i)
-        per_token.append(stage_cost(spec, st, tps, teacher)["macs"] / tps)
-    weights = [n - i for i in range(n)]
-    scale = target / sum(w * c for w, c in zip(weights, per_token))
-    filled = []
-    for i, (st, w) in enumerate(zip(spec.stages, weights)):
+        per_token.append(stage_cost(spec, st, tps, teacher_of(spec, i))["macs"] / tps)
+    scale = (target - first_cost) / sum(w * c for w, c in zip(weights, per_token, strict=True)) if n > 1 else 0
+    for st, w in zip(spec.stages[1:], weights, strict=True):
         tps = tokens_per_step(spec, st)
         steps = round(scale * w / tps)
         if steps < 1:
@@ -98,17 +117,19 @@ def fill_budgets(spec) -> None:
                 f"{scale * w:.0f} tokens, less than one optimizer step ({tps} tokens); lower the target "
                 f"or raise budget.baseline_tokens")
         filled.append(steps * tps)
+        basis[st.name] = (f"rule 3: linear decrease, {w} x {scale:,.0f} tokens (scale solved for "
+                          f"{b.target_speedup:g}x)")
     # Rounding to whole steps moves the cost; when budgets are only a few steps long that can miss
     # the target badly, and a plan far from what was asked for is not the plan that was asked for.
     cost = sum(stage_cost(spec, st, tok, teacher_of(spec, i))["macs"]
-               for i, (st, tok) in enumerate(zip(spec.stages, filled)))
+               for i, (st, tok) in enumerate(zip(spec.stages, filled, strict=True)))
     got = target * b.target_speedup / cost
     if abs(got / b.target_speedup - 1) > TARGET_TOLERANCE:
+        steps = ", ".join(str(t // tokens_per_step(spec, st)) for t, st in zip(filled, spec.stages, strict=True))
         raise CompTError(
             f"budget.target_speedup: {b.target_speedup:g}x is infeasible at whole optimizer steps: the "
-            f"closest linear plan ({', '.join(str(t // tokens_per_step(spec, st)) for t, st in zip(filled, spec.stages))}"
-            f" steps) gives {got:.2f}x; raise budget.baseline_tokens or lower the target")
-    for i, (st, tokens) in enumerate(zip(spec.stages, filled)):
+            f"closest plan ({steps} steps) gives {got:.2f}x; raise budget.baseline_tokens or lower the target")
+    for i, (st, tokens) in enumerate(zip(spec.stages, filled, strict=True)):
         if st.tokens is not None and st.tokens != tokens:
             raise CompTError(f"stages[{i}].tokens: {st.tokens} given together with budget: (which sets "
                              f"{tokens}); give one or the other")
@@ -116,6 +137,32 @@ def fill_budgets(spec) -> None:
     for st in spec.baselines:
         if st.tokens is None:
             st.tokens = b.baseline_tokens
+    spec.__dict__["_budget_basis"] = basis
+
+
+# Rule 1 (the smallest model sized to the data): for decoders, the compute-optimal data scale is
+# ~20 training tokens per parameter (Chinchilla, Hoffmann et al. 2022). A first model more than
+# RULE1_BAND times off that ratio either way is warned about. CLIP has no such published ratio (the
+# paper finds the optimum empirically: ViT-T for CC3M, ViT-S for Merged-15M), so rule 1 is not
+# checked for it.
+COMPUTE_OPTIMAL_TOKENS_PER_PARAM = {"hf_decoder": 20.0}
+RULE1_BAND = 4.0
+
+
+def rule1_warning(family: str, tokens: int, params: int) -> str | None:
+    """A warning when the first model's tokens per parameter are far from compute-optimal, else None."""
+    optimal = COMPUTE_OPTIMAL_TOKENS_PER_PARAM.get(family)
+    if optimal is None:
+        return None
+    tpp = tokens / params
+    lo, hi = optimal / RULE1_BAND, optimal * RULE1_BAND
+    if tpp < lo:
+        return (f"{tpp:.2f} tokens/param is below the compute-optimal band {lo:g}-{hi:g} (~{optimal:g}): the "
+                f"first model is large for this data; start the chain with a smaller model (rule 1)")
+    if tpp > hi:
+        return (f"{tpp:.1f} tokens/param is above the compute-optimal band {lo:g}-{hi:g} (~{optimal:g}): the "
+                f"first model is small for this data; start the chain with a larger model (rule 1)")
+    return None
 
 
 def _check_tokens(spec) -> None:
@@ -130,14 +177,15 @@ def plan_rows(spec, world: int | None = None) -> list[dict]:
     them on `world` ranks (default: the spec's nproc; budgets are filled for the spec's nproc).
 
     Chain rows: name, model, params, ratio (params / predecessor's params, None first), tokens, steps,
-    train_macs, teacher_macs, macs, accumulated_macs, warnings. Baseline rows: the same without ratio
-    and teacher (teacher_macs 0, accumulated_macs None).
+    train_macs, teacher_macs, macs, accumulated_macs, warnings, basis (which rule set the budget).
+    Baseline rows: the same without ratio and teacher (teacher_macs 0, accumulated_macs None).
     """
     param_count = get_family(spec.family).param_count
 
     if spec.budget is not None and any(st.tokens is None for st in spec.stages):
         fill_budgets(spec)
     _check_tokens(spec)
+    basis = spec.__dict__.get("_budget_basis", {})
     rows, acc, prev_params = [], 0, None
     for i, st in enumerate(spec.stages):
         teacher = teacher_of(spec, i)
@@ -146,6 +194,8 @@ def plan_rows(spec, world: int | None = None) -> list[dict]:
         acc += cost["macs"]
         ratio = params / prev_params if prev_params else None
         warnings = []
+        if i == 0 and (w := rule1_warning(spec.family, st.tokens, params)):
+            warnings.append(w)
         if ratio is not None and not 2.0 <= ratio <= 4.0:
             warnings.append(f"expansion ratio {ratio:.2f}x from {spec.stages[i - 1].name!r} is outside the paper's "
                             f"2x-4x (rule 2)")
@@ -153,13 +203,15 @@ def plan_rows(spec, world: int | None = None) -> list[dict]:
         if steps <= spec.train_for(st).warmup_steps:
             warnings.append(f"{steps} steps do not get past warmup ({spec.train_for(st).warmup_steps} steps)")
         rows.append(dict(kind="chain", name=st.name, model=st.model, params=params, ratio=ratio,
-                         tokens=st.tokens, steps=steps, **cost, accumulated_macs=acc, warnings=warnings))
+                         tokens=st.tokens, steps=steps, **cost, accumulated_macs=acc, warnings=warnings,
+                         basis=basis.get(st.name, "spec: stages[].tokens")))
         prev_params = params
     for st in spec.baselines:
         cost = stage_cost(spec, st, st.tokens, world=world)
         rows.append(dict(kind="baseline", name=st.name, model=st.model, params=param_count(_config(spec, st)),
                          ratio=None, tokens=st.tokens, steps=steps_for(spec, st, st.tokens, world), **cost,
-                         accumulated_macs=None, warnings=[]))
+                         accumulated_macs=None, warnings=[],
+                         basis="budget.baseline_tokens" if spec.budget else "spec: baselines[].tokens"))
     return rows
 
 
@@ -220,6 +272,14 @@ def format_plan(spec, world: int | None = None) -> str:
     if s["family_speedup"]:
         lines.append(f"whole family trained independently: {human(s['family_baseline_macs'])} MACs, "
                      f"speedup {s['family_speedup']:.2f}x")
+    lines.append("what set each number:")
+    for r in rows:
+        lines.append(f"  {r['name']}: tokens <- {r['basis']}")
+    lines.append(f"  {spec.stages[0].name}: model size <- rule 1 (the smallest model sized to the data): "
+                 + ("checked as tokens/param" if spec.family in COMPUTE_OPTIMAL_TOKENS_PER_PARAM
+                    else f"not checked for {spec.family} (no compute-optimal ratio)"))
+    if len(spec.stages) > 1:
+        lines.append("  ratio <- rule 2 (2x-4x parameter steps), checked")
     for r in rows:
         for w in r["warnings"]:
             lines.append(f"warning: {r['name']}: {w}")

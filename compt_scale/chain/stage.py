@@ -149,7 +149,6 @@ def _drop_partial_checkpoint(ckpt_dir: Path) -> None:
 def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     from ..grow import grow_state
     from ..grow.registry import plan
-    from ..kernels import IFDProjection
     from ..train.checkpoint import gather_student_state
     from ..train.ds_config import build_ds_config, describe
     from ..train.loop import LoopConfig, train_stage
@@ -215,8 +214,7 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     if growth_report is not None and rank == 0:
         (stage_dir / "growth.json").write_text(json.dumps(growth_report, indent=2, default=str))
     if teacher is not None:
-        heads = [IFDProjection(d_s, d_t)
-             for d_s, d_t in zip(family.feature_dims(cfg), family.feature_dims(t_cfg), strict=True)]
+        heads = family.ifd_heads(cfg, t_cfg, ifd)
     samples_per_step = samples_per_step_of(spec, stage, world)
     macs = family.stage_macs(cfg, teacher.config if teacher else None, spec, samples_per_step)
     if rank == 0:

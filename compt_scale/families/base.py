@@ -35,6 +35,7 @@ class Family:
     losses: Callable[[Any, Batch], tuple]                     # student: (task loss, [features])
     features: Callable[[Any, Batch], list]                    # teacher: [features]
     probe: Callable[[Any, Batch], Any]                        # outputs tests compare exports with
+    ifd_heads: Callable[[Config, Config, Any], list]          # (student, teacher, IFDSpec): the T maps
     # ---- data and cost
     prepare: Callable[[Any, Path], Path]                      # (spec, data_dir) -> prepared data dir
     dataset: Callable[[Any, Path, str], Any]                  # (spec, data_dir, split): `.batch(idx)`

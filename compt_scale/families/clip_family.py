@@ -97,6 +97,16 @@ def feature_dims(cfg: dict) -> list[int]:
     return [int(cfg["embed_dim"])] * 2
 
 
+def ifd_heads(cfg: dict, teacher_cfg: dict, ifd) -> list[torch.nn.Module]:
+    """One T per stream (image, text). `ifd.normalize: before` (default, as the official code): T
+    sits before the L2 normalization, L_IFD = ||normalize(T s) - t||^2; `after`: T maps the unit
+    embedding, L_IFD = ||T(s) - t||^2 with the fused kernel."""
+    from ..kernels import IFDProjection
+    from ..train.objective import UnitIFDProjection
+    head = UnitIFDProjection if ifd.normalize == "before" else IFDProjection
+    return [head(d_s, d_t) for d_s, d_t in zip(feature_dims(cfg), feature_dims(teacher_cfg), strict=True)]
+
+
 def _embed(model, batch):
     """(image_features, text_features, logit_scale) through CLIP.forward, never encode_* directly:
     under ZeRO-3 the root module's own parameters (text_projection, positional_embedding,
@@ -126,7 +136,8 @@ def _clip_loss():
 def losses(model, batch):
     """(contrastive loss, [image_features, text_features]) in one forward.
 
-    IFD uses the L2-normalized embeddings (what CLIP.forward returns): the contrastive loss sees only
+    IFD uses the L2-normalized embeddings (what CLIP.forward returns; `ifd.normalize` places T before
+    or after that normalization, see ifd_heads): the contrastive loss sees only
     their directions, so an embedding's norm is a free, unanchored quantity; an MSE on raw embeddings
     would mostly teach the student to match the teacher's arbitrary norms (which also differ between
     model sizes), while on unit vectors it transfers exactly what the task uses - the geometry of the
@@ -292,6 +303,6 @@ FAMILY = Family(
     preset_names=preset_names, load_config=load_config,
     plan_config=plan_config, model_config=model_config, param_count=param_count, build=build,
     config_of=config_of, load_export=load_export, export=export, feature_dims=feature_dims,
-    losses=losses, features=features, probe=probe, prepare=prepare, dataset=dataset,
+    losses=losses, features=features, probe=probe, ifd_heads=ifd_heads, prepare=prepare, dataset=dataset,
     tokens_per_sample=tokens_per_sample, stage_macs=stage_macs, validate_chain=validate_chain,
     flops_per_token=flops_per_token, liger_supported=liger_supported, apply_liger=apply_liger)

@@ -178,6 +178,14 @@ def tokens_per_sample(spec) -> int:
     return spec.data.seq_len
 
 
+def ifd_heads(config, teacher_config, ifd) -> list[torch.nn.Module]:
+    """T for the one stream (the final hidden state): the fused IFD kernel's projection
+    (`ifd.normalize` is a CLIP setting; hidden states are not normalized)."""
+    from ..kernels import IFDProjection
+    return [IFDProjection(d_s, d_t) for d_s, d_t in zip(feature_dims(config), feature_dims(teacher_config),
+                                                        strict=True)]
+
+
 def stage_macs(student_config, teacher_config, spec, samples: int) -> dict:
     from ..flops import stage_macs as decoder_stage_macs
     return decoder_stage_macs(student_config, teacher_config, spec.data.seq_len, samples * spec.data.seq_len, 1)
@@ -277,6 +285,6 @@ FAMILY = Family(
     preset_names=preset_names, load_config=load_config,
     plan_config=plan_config, model_config=model_config, param_count=param_count, build=build,
     config_of=config_of, load_export=load_export, export=export, feature_dims=feature_dims,
-    losses=losses, features=features, probe=probe, prepare=prepare, dataset=dataset,
+    losses=losses, features=features, probe=probe, ifd_heads=ifd_heads, prepare=prepare, dataset=dataset,
     tokens_per_sample=tokens_per_sample, stage_macs=stage_macs, validate_chain=validate_chain,
     flops_per_token=flops_per_token, liger_supported=liger_supported, apply_liger=apply_liger)

@@ -1,7 +1,7 @@
 """The training loop of one stage, on a DeepSpeed engine. Reads top to bottom:
 
 set up engine -> resume or calibrate alpha -> for each step: micro-batches, backward, step, log,
-eval, checkpoint, preemption check -> final eval -> probe logits -> export.
+eval (and alpha: auto re-calibrated), checkpoint, preemption check -> final eval -> probe logits -> export.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ..errors import EXIT_PREEMPTED, CompTError
 from . import checkpoint, preemption
 from .distributed import all_reduce_mean, device
 from .metrics import MetricsLog, StepLosses, Throughput, mfu, peak_flops
-from .objective import FrozenTeacher, StudentWithIFD, calibrate_alpha
+from .objective import AutoAlpha, FrozenTeacher, StudentWithIFD, alpha_at, calibrate_alpha
 from .speedups import apply_speedups
 
 
@@ -108,12 +108,15 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
                          for m in range(cfg.ifd.calib_batches)]
                 alpha = calibrate_alpha(engine.module, teacher, calib, cfg.ifd.ratio, reduce=all_reduce_mean)
             else:
-                alpha = float(cfg.ifd.alpha)
+                alpha = alpha_at(cfg.ifd.alpha, 0.0, 0, cfg.steps) if isinstance(cfg.ifd.alpha, dict) \
+                    else float(cfg.ifd.alpha)
         loop = {"step": 0, "alpha": alpha}
         resumed_from = None
     else:
         resumed_from = loop["step"]
     alpha = loop["alpha"]
+    # alpha: auto is re-set at every eval from the steps since the previous one (objective.AutoAlpha)
+    auto = AutoAlpha(loop) if (cfg.ifd.alpha == "auto" and teacher is not None and cfg.ifd.enabled) else None
     log = MetricsLog(cfg.stage_dir, resumed_from)
     tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.tokens_per_sample
     start = loop["step"]
@@ -131,6 +134,8 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
         for step in range(start, cfg.steps):
             # The step body only queues work: losses stay on the device, nothing waits for it.
             losses.start_step()
+            if teacher is not None and cfg.ifd.enabled:
+                alpha = alpha_at(cfg.ifd.alpha, alpha, step, cfg.steps)
             for _ in range(t.grad_accum):
                 _, _, batch = next(batches)
                 feats = teacher.features(batch) if (teacher is not None and alpha > 0) else None
@@ -138,6 +143,8 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
                 engine.backward(task + ifd)
                 engine.step()
                 losses.add(task, ifd)
+            if auto is not None:  # device scalars, read back at the next eval (no sync here)
+                auto.observe(losses.task.clone(), losses.ifd.clone(), alpha)
             done = step + 1
             losses.end_step(done)
             bar.update(1)
@@ -160,9 +167,14 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
                            "mfu": mfu(flops_per_token, rate, peak, world)})
                 bar.set_postfix(loss=f"{st['task']:.3f}", ifd=f"{st['ifd']:.3f}")
             if eval_now:
-                log.write({**rec, "val_loss": evaluate(engine, val_data, cfg)})
+                evrec = {**rec, "val_loss": evaluate(engine, val_data, cfg)}
+                if auto is not None:  # the alpha of the steps from here to the next eval
+                    alpha = auto.recalibrate(alpha, cfg.ifd.ratio, reduce=all_reduce_mean)
+                    evrec["alpha"] = alpha
+                log.write(evrec)
             if save_now or st["stop"]:
-                checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha})
+                checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha,
+                                                         **(auto.state() if auto is not None else {})})
             speed.pause(done)  # eval and checkpoints are not training throughput
             if st["stop"]:
                 preempted = True

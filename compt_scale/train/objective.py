@@ -75,3 +75,95 @@ def calibrate_alpha(module: StudentWithIFD, teacher: FrozenTeacher, batches, rat
         # gives ~0 now; use the ratio itself so the term still acts once the student drifts.
         return ratio
     return ratio * task_sum / ifd_sum
+
+
+# ---------------------------------------------------------------- alpha modes
+# Converting the official code's alpha (CoM-PT repository, open_clip/loss.py KDClipLoss): it computes
+# alpha_official * (mse(normalize(T(s_img)), t_img) + mse(normalize(T(s_txt)), t_txt)), a SUM of the
+# image and text terms with T applied BEFORE the L2 normalization; this project AVERAGES the streams
+# (the paper's /2). With `ifd.normalize: before` the terms are the same (T without a bias, see
+# UnitIFDProjection), so alpha here = 2 x alpha_official: the paper's alpha = 500 is `alpha: 1000`.
+# With `normalize: after` (T on the unit embedding, unnormalized output) the IFD term has a different
+# scale and no fixed factor exists; use `alpha: auto`.
+
+def alpha_at(alpha_spec, alpha: float, step: int, steps: int) -> float:
+    """The alpha of optimizer step `step` (0-based): a schedule's value, else the current alpha."""
+    if not isinstance(alpha_spec, dict):
+        return alpha
+    start, end = float(alpha_spec["start"]), float(alpha_spec.get("end", 0.0))
+    return start + (end - start) * step / max(1, steps - 1)
+
+
+class AutoAlpha:
+    """`alpha: auto` after the first calibration: at every eval, alpha is re-set so that
+    alpha * L_ifd / L_task = ratio, measured on the train steps since the previous eval.
+
+    Tracked per step: q = L_ifd(unscaled) / L_task (the logged ifd_loss / alpha / task_loss). The
+    smoothing is the median of q over the later half of the window: per-batch IFD is spiky (one batch
+    can carry 10x the typical value), so a mean would let one spike set alpha for the whole next
+    interval; and early in a stage q falls fast (the student and T adapt to the teacher), so the
+    window's first steps describe a past that the next interval will not see. Each rank takes its
+    own median, `reduce` averages them, so every rank gets the same alpha. `state()` goes
+    into checkpoints so a resumed run recalibrates exactly as an uninterrupted one.
+    """
+
+    def __init__(self, state: dict | None = None):
+        self.window = list((state or {}).get("alpha_window", []))
+        self._pending: list[tuple] = []   # (task, ifd) device scalars + alpha, not yet read back
+
+    def observe(self, task, ifd, alpha: float) -> None:
+        """One step's losses: floats, or device scalars kept as they are until the next read-back
+        (recalibrate/state), so the training loop never waits on the device for this."""
+        if alpha > 0:
+            self._pending.append((task, ifd, alpha))
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        vals = torch.tensor([[float(t), float(i)] for t, i, _ in self._pending]) \
+            if not torch.is_tensor(self._pending[0][0]) else \
+            torch.stack([torch.stack([t.double(), i.double()]) for t, i, _ in self._pending]).cpu()
+        for (task, ifd), (_, _, alpha) in zip(vals.tolist(), self._pending, strict=True):
+            if task > 0 and math.isfinite(task) and math.isfinite(ifd):
+                self.window.append(ifd / alpha / task)
+        self._pending = []
+
+    def recalibrate(self, alpha: float, ratio: float, reduce=lambda x: x) -> float:
+        self._flush()
+        q = sorted(self.window[len(self.window) // 2:])
+        med = (q[(len(q) - 1) // 2] + q[len(q) // 2]) / 2 if q else 0.0
+        self.window = []
+        med = reduce(med)
+        if not math.isfinite(med) or med <= 1e-12:
+            return alpha  # nothing to go by (IFD ~ 0): keep the current alpha
+        return ratio / med
+
+    def state(self) -> dict:
+        self._flush()
+        return {"alpha_window": list(self.window)}
+
+
+class UnitIFDProjection(nn.Module):
+    """`ifd.normalize: before` for CLIP: L_IFD = alpha * mean((normalize(T s) - t)^2), T linear without
+    bias, s and t the L2-normalized embeddings CLIP.forward returns. Without a bias normalize(T s) is
+    the same for s and any positive multiple of s, so this equals T applied to the raw embedding
+    before normalization, as the official code does (its T has a bias; ours drops it for this
+    identity). Plain torch (the fused kernel has no normalization); weight created here, not in an
+    inner nn.Linear, so ZeRO-3 gathers it for this module's forward. Init as IFDProjection: identity
+    on the leading block when d_s >= d_t (insert growth places the teacher's features there)."""
+
+    def __init__(self, d_student: int, d_teacher: int):
+        super().__init__()
+        self.d_student, self.d_teacher = d_student, d_teacher
+        self.weight = nn.Parameter(torch.empty(d_teacher, d_student))
+        with torch.no_grad():
+            if d_student >= d_teacher:
+                self.weight.zero_()
+                self.weight[:, :d_teacher].copy_(torch.eye(d_teacher))
+            else:
+                nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, student_feats, teacher_feats, alpha: float = 1.0, group=None):
+        y = torch.nn.functional.normalize(student_feats.reshape(-1, self.d_student) @ self.weight.t().to(
+            student_feats.dtype), dim=-1).float()
+        return alpha * ((y - teacher_feats.reshape(-1, self.d_teacher).float()) ** 2).mean()
