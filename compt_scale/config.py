@@ -15,8 +15,8 @@ import yaml
 
 from .errors import CompTError
 
-WIDTH_OPS = ("insert", "clone")
-DEPTH_OPS = ("duplicate", "stack", "zero")
+WIDTH_OPS = ("insert", "clone", "interpolate")
+DEPTH_OPS = ("duplicate", "stack", "zero", "constant", "interval")
 
 
 @dataclass
@@ -26,6 +26,10 @@ class DataSpec:
     paths: list[str] = field(default_factory=list)   # txt / jsonl / parquet (decoders), csv (open_clip)
     text_field: str = "text"
     image_field: str = "filepath"     # open_clip: the CSV column with image paths
+    captions_per_image: int = 1       # open_clip: M captions per image in each step (LaCLIP; paper: 4)
+    caption_variants: int = 1         # open_clip "shapes": paraphrased captions per scene (paper: 16)
+    caption_fields: list[str] = field(default_factory=list)  # open_clip CSV: caption columns
+    caption_sep: str | None = None    # open_clip CSV/tar: separator splitting one caption into several
     image_size: int = 64              # open_clip: images are resized to this
     num_samples: int = 20000          # open_clip "shapes": how many image-caption pairs to render
     tokenizer: str = "train"          # "train" (SentencePiece trained here) or an HF tokenizer dir

@@ -161,7 +161,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
             task_sum = ifd_sum = 0.0
             for micro in range(t.grad_accum):
                 idx = sample_indices(len(train_data), cfg.seed, step, micro, t.grad_accum, t.micro_batch_size, rank, world)
-                batch = to_device(train_data.batch(idx))
+                batch = to_device(train_data.batch(idx, step))  # step: LaCLIP's per-step caption draw
                 feats = teacher.features(batch) if (teacher is not None and alpha > 0) else None
                 task, ifd = engine(batch, feats, alpha)
                 loss = task + ifd
