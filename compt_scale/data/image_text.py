@@ -106,12 +106,16 @@ def paraphrases(objects: list[dict], index: int, k: int) -> list[str]:
     content (every object's size, colour, shape and position stated, different wording and order)."""
     out = [caption(objects)]
     rng = random.Random(SCENE_SEED * 7_919 + index)
-    for _ in range(1, k):
+    for _ in range(100 * k):  # distinct paraphrases while the templates allow (30+ per scene)
+        if len(out) == k:
+            break
         order = rng.sample(objects, len(objects))
         parts = [rng.choice(OBJECT_TEMPLATES).format(size=o["size"], color=o["color"], shape=o["shape"],
                                                       pos=position_phrase(o["row"], o["col"])) for o in order]
-        out.append(rng.choice(PREFIXES) + rng.choice(JOINERS).join(parts))
-    return out
+        text = rng.choice(PREFIXES) + rng.choice(JOINERS).join(parts)
+        if text not in out:
+            out.append(text)
+    return out + [out[j % len(out)] for j in range(k - len(out))]
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:

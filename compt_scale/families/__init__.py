@@ -11,6 +11,7 @@
   dataset(spec, data_dir, split)               `.batch(indices)` -> tuple of tensors, `len()`
   tokens_per_sample(spec), stage_macs(student_cfg, teacher_cfg, spec, samples)
   load_export(path), export(model, state, data_dir, out), probe(model, batch)
+  evaluate(model, spec, data_dir, val_loss) -> dict  extra eval metrics (CLIP: zero-shot, retrieval)
 Growth goes through the shared registry (compt_scale.grow) with the family's layout tables.
 """
 from __future__ import annotations

@@ -153,6 +153,12 @@ def features(model, batch):
     return [img, txt.flatten(0, 1)]
 
 
+def evaluate(model, spec, data_dir: Path, val_loss: float) -> dict:
+    """Extra eval metrics for metrics.jsonl: zero-shot top-1 (labelled split) and retrieval R@1/R@5."""
+    from .clip_eval import evaluate as clip_evaluate
+    return clip_evaluate(model, data_dir, _embed, next(model.parameters()).device)
+
+
 def probe(model, batch) -> torch.Tensor:
     """Image and text embeddings on a fixed batch, concatenated: tests compare the export with them."""
     img, txt, _ = _embed(model, batch)

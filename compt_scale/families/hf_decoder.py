@@ -144,6 +144,12 @@ def export(student, state: dict, data_dir: Path, out: Path) -> None:
         AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")).save_pretrained(str(tmp))
 
 
+def evaluate(model, spec, data_dir, val_loss: float) -> dict:
+    """Extra eval metrics for metrics.jsonl: perplexity of the val loss (nats per token)."""
+    import math
+    return {"perplexity": math.exp(min(val_loss, 50.0))}
+
+
 def probe(model, batch) -> torch.Tensor:
     """Logits on a fixed batch: tests compare the export against the trained engine with them."""
     return model(input_ids=batch[0]).logits.float()

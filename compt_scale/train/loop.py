@@ -183,7 +183,8 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
             bar.set_postfix(loss=f"{task_sum:.3f}", ifd=f"{ifd_sum:.3f}")
             if done % t.eval_every == 0 and done < cfg.steps:
                 val = evaluate(engine, val_data, cfg)
-                log.write({"step": done, "tokens": rec["tokens"], "macs": rec["macs"], "val_loss": val})
+                log.write({"step": done, "tokens": rec["tokens"], "macs": rec["macs"], "val_loss": val,
+                           **cfg.family.evaluate(engine.module.student, cfg.spec, cfg.data_dir, val)})
             if done % t.save_every == 0 or stop:
                 checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha})
             if stop:
@@ -193,14 +194,15 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
         log.close()
         raise SystemExit(EXIT_PREEMPTED)
     final_val = evaluate(engine, val_data, cfg)
+    final_metrics = cfg.family.evaluate(engine.module.student, cfg.spec, cfg.data_dir, final_val)
     log.write({"final": True, "step": cfg.steps, "tokens": cfg.steps * tokens_per_step,
-               "macs": cfg.steps * cfg.macs_per_step, "val_loss": final_val})
+               "macs": cfg.steps * cfg.macs_per_step, "val_loss": final_val, **final_metrics})
     log.close()
     if start < cfg.steps:  # a finished run resumed again has nothing new to checkpoint
         checkpoint.save(engine, ckpt_dir, cfg.steps, {"step": cfg.steps, "alpha": alpha})
     probe = probe_outputs(engine, val_data, cfg.family)
     state = checkpoint.gather_student_state(engine)
-    return {"final_val_loss": final_val, "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
+    return {"final_val_loss": final_val, "eval": final_metrics, "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
             "alpha": alpha, "state": state, "probe_logits": probe, "seconds": time.time() - t0}
 
 
