@@ -18,6 +18,7 @@ from PIL import Image
 
 from compt_scale.config import DataSpec
 from compt_scale.data.image_text import ImageText, prepare_image_text
+from compt_scale.families import clip_family
 from compt_scale.families.clip_loss import laclip_loss
 
 
@@ -65,8 +66,23 @@ def _worker(rank, port, v, t, out):
     tl = t[rank * b:(rank + 1) * b].clone().requires_grad_(True)
     loss = laclip_loss(F.normalize(vl, dim=-1), F.normalize(tl, dim=-1), torch.tensor(5.0))
     loss.backward()
-    torch.save({"loss": loss.detach(), "gv": vl.grad, "gt": tl.grad}, f"{out}/{rank}.pt")
+    # Through a real open_clip model (M = 2 captions): rank-averaged parameter gradients, as DeepSpeed
+    # averages them, must equal the single-process gradients on the whole batch.
+    model, (images, tokens) = _clip_batch()
+    task, _ = clip_family.losses(model, (images[rank * 4:(rank + 1) * 4], tokens[rank * 4:(rank + 1) * 4]))
+    task.backward()
+    grads = {}
+    for k, p in model.named_parameters():
+        dist.all_reduce(p.grad)
+        grads[k] = p.grad / 2
+    torch.save({"loss": loss.detach(), "gv": vl.grad, "gt": tl.grad, "model_grads": grads}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
+
+
+def _clip_batch():
+    model = clip_family.build(clip_family.load_config("clip-xs"), seed=0)
+    g = torch.Generator().manual_seed(3)
+    return model, (torch.randn(8, 3, 64, 64, generator=g), torch.randint(1, 5000, (8, 2, 32), generator=g))
 
 
 @pytest.mark.dist
@@ -88,6 +104,12 @@ def test_two_gloo_ranks_equal_one_rank_on_the_concatenated_batch(tmp_path):
         # backward sums the contributions of both ranks' copies, i.e. 2x the single-rank gradient.
         torch.testing.assert_close(r["gv"], 2 * vf.grad[rank * 4:(rank + 1) * 4], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(r["gt"], 2 * tf.grad[rank * 4:(rank + 1) * 4], atol=1e-6, rtol=1e-5)
+    model, batch = _clip_batch()
+    clip_family.losses(model, batch)[0].backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")["model_grads"]
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(got[k], p.grad, atol=1e-5, rtol=1e-4, msg=k)
 
 
 OBJ = re.compile(r"(small|large)")

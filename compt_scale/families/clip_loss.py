@@ -23,15 +23,29 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous. all_gather's backward sends
+    slices of the gathered tensor's gradient between ranks; gloo's collectives read a non-contiguous
+    slice (the einsum below produces a permuted gradient) as if it were contiguous: wrong gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def gather(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Global [N, D] image and [N, M, D] text features (identity on one rank)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return image, text
     from open_clip.loss import gather_features
     b, m, d = text.shape
-    img, txt = gather_features(image, text.reshape(b, m * d), gather_with_grad=True,
+    img, txt = gather_features(image.contiguous(), text.reshape(b, m * d).contiguous(), gather_with_grad=True,
                                rank=dist.get_rank(), world_size=dist.get_world_size())
-    return img, txt.reshape(-1, m, d)
+    return _ContiguousGrad.apply(img), _ContiguousGrad.apply(txt).reshape(-1, m, d)
 
 
 def laclip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
