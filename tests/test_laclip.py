@@ -66,7 +66,7 @@ def _worker(rank, port, v, t, out):
     tl = t[rank * b:(rank + 1) * b].clone().requires_grad_(True)
     loss = laclip_loss(F.normalize(vl, dim=-1), F.normalize(tl, dim=-1), torch.tensor(5.0))
     loss.backward()
-    # Through a real open_clip model (M = 2 captions): rank-averaged parameter gradients, as DeepSpeed
+    # Through a real open_clip model (one caption per image, the default): rank-averaged parameter gradients, as DeepSpeed
     # averages them, must equal the single-process gradients on the whole batch.
     model, (images, tokens) = _clip_batch()
     task, _ = clip_family.losses(model, (images[rank * 4:(rank + 1) * 4], tokens[rank * 4:(rank + 1) * 4]))
@@ -82,7 +82,7 @@ def _worker(rank, port, v, t, out):
 def _clip_batch():
     model = clip_family.build(clip_family.load_config("clip-xs"), seed=0)
     g = torch.Generator().manual_seed(3)
-    return model, (torch.randn(8, 3, 64, 64, generator=g), torch.randint(1, 5000, (8, 2, 32), generator=g))
+    return model, (torch.randn(8, 3, 64, 64, generator=g), torch.randint(1, 5000, (8, 32), generator=g))
 
 
 @pytest.mark.dist
