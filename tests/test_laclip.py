@@ -10,7 +10,6 @@ import re
 import socket
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

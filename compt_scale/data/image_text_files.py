@@ -57,7 +57,7 @@ def read_csv(data, p: Path, cache: Path) -> list[tuple[Path, list[str]]]:
     sep = "\t" if p.suffix == ".tsv" or "\t" in p.open(errors="replace").readline() else ","
     try:
         ds = load_dataset("csv", data_files=str(p), delimiter=sep, split="train", cache_dir=str(cache))
-    except Exception as e:  # datasets/pyarrow raise many types for malformed files
+    except Exception as e:  # noqa: BLE001 - datasets/pyarrow raise many types for malformed files
         raise CompTError(f"data.paths: cannot read {p} as CSV: {str(e).splitlines()[0][:200]}") from None
     if data.image_field not in ds.column_names:
         raise CompTError(f"data.image_field: column {data.image_field!r} not in {p} "
@@ -135,7 +135,7 @@ class ImageOpener:
         if isinstance(ref, tuple):
             tar_path, member = ref
             if tar_path not in self.tars:
-                self.tars[tar_path] = tarfile.open(tar_path)
+                self.tars[tar_path] = tarfile.open(tar_path)  # noqa: SIM115 - kept open, closed by close()
             return io.BytesIO(self.tars[tar_path].extractfile(member).read())
         return ref
 
