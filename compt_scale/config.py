@@ -55,6 +55,10 @@ class ImageTextDataSpec(DataSpec):
     CORPORA: ClassVar[tuple[str, ...]] = ("shapes", "files")
     corpus: str = "shapes"            # "shapes" (scenes rendered here) or "files" (CSV/TSV)
     image_field: str = "filepath"     # the CSV column with image paths
+    captions_per_image: int = 1       # M captions per image in each step (LaCLIP; paper: 4)
+    caption_variants: int = 1         # "shapes": paraphrased captions per scene (paper: 16)
+    caption_fields: list[str] = field(default_factory=list)  # CSV: caption columns
+    caption_sep: str | None = None    # CSV/tar: separator splitting one caption into several
     image_size: int = 64              # images are resized to this
     num_samples: int = 20000          # "shapes": how many image-caption pairs to render
 
@@ -317,6 +321,10 @@ def _validate_section(obj, where: str) -> None:
             raise CompTError(f"data.val_fraction: must be in (0, 0.5), got {obj.val_fraction}")
         if obj.max_chars <= 0:
             raise CompTError("data.max_chars: must be positive")
+        if isinstance(obj, ImageTextDataSpec):
+            for k in ("captions_per_image", "caption_variants"):
+                if getattr(obj, k) < 1:
+                    raise CompTError(f"data.{k}: must be >= 1, got {getattr(obj, k)}")
         if isinstance(obj, TextDataSpec):
             if obj.tokenizer != "train" and not (Path(obj.tokenizer).is_dir() and any(
                     (Path(obj.tokenizer) / f).is_file() for f in TOKENIZER_FILES)):

@@ -77,6 +77,7 @@ def _stages(out_dir: Path) -> tuple[dict, list[dict]]:
     for name, rec in manifest["stages"].items():
         r = dict(rec, name=name, kind=rec.get("kind", "chain"), metrics=_read_metrics(out_dir / name / "metrics.jsonl"))
         final = next((m for m in reversed(r["metrics"]) if m.get("final")), {})
+        r["final_metrics"] = final
         for key in ("tokens", "macs", "val_loss"):
             mkey = "final_val_loss" if key == "val_loss" else key
             if r.get(mkey) is None and final.get(key) is not None:
@@ -147,13 +148,28 @@ def _table_rows(recs: list[dict]) -> list[list[str]]:
 
 
 HEADER = ["stage", "kind", "status", "params", "tokens", "MACs", "final_val_loss", "tokens/s", "MFU"]
+# Family eval metrics of the final eval line (families/*.evaluate), shown when any stage has them.
+EXTRA_METRICS = {"zeroshot_top1": "zero-shot top1", "i2t_r1": "i2t R@1", "t2i_r1": "t2i R@1",
+                 "i2t_r5": "i2t R@5", "t2i_r5": "t2i R@5", "perplexity": "perplexity"}
+EXTRA_PLOT = "eval_metrics_vs_macs.png"
+
+
+def _extra_columns(recs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    keys = [k for k in EXTRA_METRICS if any(r["final_metrics"].get(k) is not None for r in recs)]
+    return [EXTRA_METRICS[k] for k in keys], [[_fmt(r["final_metrics"].get(k), "loss") for k in keys] for r in recs]
+
+
+def _rows_with_extra(recs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head, extra = _extra_columns(recs)
+    return HEADER + head, [a + b for a, b in zip(_table_rows(recs), extra, strict=True)]
 
 
 def report_table(out_dir) -> str:
     """The per-stage table for the terminal: exact params/tokens, MACs as %.4e, and the totals."""
     manifest, recs = _stages(Path(out_dir))
-    rows = [HEADER] + _table_rows(recs)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    header, body = _rows_with_extra(recs)
+    rows = [header] + body
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -202,6 +218,7 @@ def _plot(recs: list[dict], out_dir: Path) -> dict[str, Path]:
         fig.savefig(paths[key], dpi=100)
         plt.close(fig)
 
+    _plot_eval_metrics(recs, out_dir)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = [r["name"] for r in recs]
     teacher = [r.get("teacher_macs") or 0 for r in recs]
@@ -222,6 +239,31 @@ def _plot(recs: list[dict], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def _plot_eval_metrics(recs: list[dict], out_dir: Path) -> Path | None:
+    """Zero-shot top-1 and R@1 over the chain's compute axis (CLIP); nothing when no stage has them."""
+    import matplotlib.pyplot as plt
+    keys = [k for k in ("zeroshot_top1", "i2t_r1", "t2i_r1")
+            if any(m.get(k) is not None for r in recs for m in r["metrics"])]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for r in recs:
+            pts = dict((r["offset"] + m["macs"], m[key]) for m in r["metrics"]
+                       if m.get(key) is not None and m.get("macs") is not None)
+            if pts:
+                xs, ys = zip(*sorted(pts.items()), strict=True)
+                ax.plot(xs, ys, "-" if r["kind"] == "chain" else "--", marker="o", markersize=3,
+                        label=f"{r['name']} ({r['kind']})")
+        ax.set_xlabel("training MACs (accumulated along the chain)")
+        ax.set_title(EXTRA_METRICS[key])
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / EXTRA_PLOT, dpi=100)
+    plt.close(fig)
+    return out_dir / EXTRA_PLOT
+
+
 def write_report(out_dir) -> Path:
     """Write DIR/report.html and the PNGs beside it; returns the HTML's path."""
     out_dir = Path(out_dir)
@@ -231,8 +273,9 @@ def write_report(out_dir) -> Path:
     paths = _plot(recs, out_dir)
     t = _totals(recs)
     esc = html.escape
-    cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in _table_rows(recs))
-    head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
+    header, body = _rows_with_extra(recs)
+    cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body)
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
     summary = f"<p>Chain total: {esc(human(t['chain_macs']))} MACs ({t['chain_macs']:.4e}).</p>"
     if t["baseline_macs"]:
         summary += (f"<p>Independent baselines total: {esc(human(t['baseline_macs']))} MACs "
@@ -250,6 +293,8 @@ def write_report(out_dir) -> Path:
     imgs = "".join(f'<h2>{esc(title)}</h2><img src="{esc(paths[k].name)}" alt="{esc(title)}">'
                    for k, title in (("loss", "Training loss vs compute"), ("val", "Validation loss vs compute"),
                                     ("cost", "Training cost per stage")))
+    if (out_dir / EXTRA_PLOT).is_file():
+        imgs += f'<h2>Evaluation vs compute</h2><img src="{EXTRA_PLOT}" alt="evaluation metrics">'
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>CoM-PT report: {esc(str(manifest.get('chain')))}</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}} table{{border-collapse:collapse}}

@@ -6,11 +6,15 @@ from pathlib import Path
 from ..resources import CHAINS, resource
 
 DEMO_SPEC = resource(CHAINS, "demo.yaml")
+DEMO_SPECS = {"hf_decoder": DEMO_SPEC, "open_clip": resource(CHAINS, "clip-demo.yaml")}
+DEMO_ALIASES = {"decoder": "hf_decoder", "clip": "open_clip"}
 
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="train the embedded default chain (+ independent baseline) on CPU")
-    p.add_argument("--out", default="runs/demo", type=Path)
+    p.add_argument("--out", default=None, type=Path, help="default: runs/demo (decoder), runs/clip-demo (clip)")
+    p.add_argument("--family", default="hf_decoder", choices=sorted(DEMO_SPECS) + sorted(DEMO_ALIASES),
+                   help="decoder chain (default) or the CLIP chain (LaCLIP, zero-shot and retrieval per stage)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     p.set_defaults(func=cmd_demo)
 
@@ -46,7 +50,9 @@ def cmd_chain(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    return _chain(DEMO_SPEC, args.out, args.resume)
+    family = DEMO_ALIASES.get(args.family, args.family)
+    out = args.out or Path("runs/demo" if family == "hf_decoder" else "runs/clip-demo")
+    return _chain(DEMO_SPECS[family], out, args.resume)
 
 
 def _refuse_if_locked(stage_dir: Path) -> None:

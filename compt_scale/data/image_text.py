@@ -3,17 +3,26 @@
 Layout of the prepared data dir (built in a temp dir and renamed into place under a lock, as in
 data/packed.py, so concurrent ranks or jobs never see half of it):
   {split}_images.u8     uint8 memmap [N, 3, S, S] (S = data.image_size), RGB
-  {split}_tokens.i32    int32 memmap [N, context_length]: open_clip SimpleTokenizer ids (vocab 49408)
-  {split}_captions.txt  one caption per line, for people and tests
+  {split}_tokens.i32    int32 memmap [N, K, context_length]: open_clip SimpleTokenizer ids (vocab 49408),
+                        K caption slots per image (K = the most captions any image has)
+  {split}_ncaps.i32     int32 [N]: how many of the K slots image i fills (1..K)
+  {split}_captions.txt  the first caption of each image, one per line, for people and tests
+  {split}_captions.jsonl  all captions of each image, a JSON list per line
+  zeroshot_*            ("shapes" only) a labelled split for zero-shot classification: single-object
+                        scenes, their class ids and the tokenized class prompts (see zeroshot_split)
   meta.json             sizes, normalization, the DataSpec (+ context_length) that built it
-Sample i of a split is images[i], tokens[i]: an index fully determines the pair, so the runner's
-stateless sampler (data.packed.sample_indices) works unchanged.
+Sample i of a split is images[i] and its captions: an index fully determines the pair, so the runner's
+stateless sampler (data.packed.sample_indices) works unchanged; which M of an image's captions a
+training step uses is drawn from (step, index) alone (LaCLIP's per-iteration caption sampling), so a
+resumed run reads exactly what an uninterrupted one would have.
 
 `corpus: shapes` draws 1-3 coloured shapes per image on a 3x3 grid and describes them, e.g. "a small
 red circle at the top left and a large blue star in the center". Scene i depends only on i (its own
-seeded RNG), so the data is the same on every machine and for any num_samples.
-`corpus: files` reads CSV/TSV files in open_clip's CsvDataset convention (an image-path column and a
-caption column) with `datasets`; images are resized (shortest side, bicubic) and centre-cropped exactly
+seeded RNG), so the data is the same on every machine and for any num_samples. With
+`data.caption_variants: K` each scene gets K captions: the canonical one and K-1 templated paraphrases
+of the same content (other wording, object order and joiners), LaCLIP's augmented captions in miniature.
+`corpus: files` reads CSV/TSV files in open_clip's CsvDataset convention or webdataset tar shards,
+each image with one or more captions (data/image_text_files.py); images are resized (shortest side, bicubic) and centre-cropped exactly
 as open_clip's own eval transform does, so an export's `preprocess_val` sees what training saw.
 """
 from __future__ import annotations
@@ -35,6 +44,7 @@ from ..files import build_once
 MEAN = (0.48145466, 0.4578275, 0.40821073)   # open_clip's OPENAI_DATASET_MEAN / STD: what its
 STD = (0.26862954, 0.26130258, 0.27577711)   # default preprocess (and an export's) normalizes with
 SCENE_SEED = 1234
+CAPTION_SEED = 4321                           # per-step caption draws
 
 # Palette chosen so any two colours differ by >= 90 in some channel: a pixel's nearest palette entry
 # names its colour unambiguously (tests read captions back from pixels this way).
@@ -84,6 +94,30 @@ def caption(objects: list[dict]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+OBJECT_TEMPLATES = ("a {size} {color} {shape} {pos}", "a {color} {shape}, {size}, {pos}",
+                    "{pos} there is a {size} {color} {shape}", "a {size} {shape} colored {color} {pos}",
+                    "one {size} {color} {shape} {pos}", "a {color} {size} {shape} {pos}")
+JOINERS = (" and ", "; ", ", plus ", " as well as ")
+PREFIXES = ("", "an image of ", "a picture showing ", "a dark background with ", "a drawing of ")
+
+
+def paraphrases(objects: list[dict], index: int, k: int) -> list[str]:
+    """k captions of one scene: the canonical caption first, then templated paraphrases of the same
+    content (every object's size, colour, shape and position stated, different wording and order)."""
+    out = [caption(objects)]
+    rng = random.Random(SCENE_SEED * 7_919 + index)
+    for _ in range(100 * k):  # distinct paraphrases while the templates allow (30+ per scene)
+        if len(out) == k:
+            break
+        order = rng.sample(objects, len(objects))
+        parts = [rng.choice(OBJECT_TEMPLATES).format(size=o["size"], color=o["color"], shape=o["shape"],
+                                                      pos=position_phrase(o["row"], o["col"])) for o in order]
+        text = rng.choice(PREFIXES) + rng.choice(JOINERS).join(parts)
+        if text not in out:
+            out.append(text)
+    return out + [out[j % len(out)] for j in range(k - len(out))]
+
+
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     if shape == "triangle":  # equilateral, pointing up, centroid at the centre
         return [(cx + r * math.sin(a), cy - r * math.cos(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
@@ -108,10 +142,37 @@ def render(objects: list[dict], size: int, background: int) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BOX)
 
 
-def shapes_sample(index: int, size: int) -> tuple[np.ndarray, str]:
+def shapes_sample(index: int, size: int, variants: int = 1) -> tuple[np.ndarray, list[str]]:
     objects = scene(index)
     background = random.Random(SCENE_SEED + 7 * index).randint(10, 70)  # dark grays, never a palette colour
-    return np.asarray(render(objects, size, background)).transpose(2, 0, 1), caption(objects)
+    return np.asarray(render(objects, size, background)).transpose(2, 0, 1), paraphrases(objects, index, variants)
+
+
+ZEROSHOT_PER_CLASS = 4
+
+
+def zeroshot_split(size: int, tokenizer, tmp: Path) -> dict:
+    """A labelled split: ZEROSHOT_PER_CLASS single-object scenes per class (colour x shape, 28 classes),
+    drawn from their own seed (never a training scene), and per class the prompts of every size and
+    position ("a small red circle at the top left", ...), averaged as CLIP's prompt ensembles are.
+    Files: zeroshot_images.u8 [Z,3,S,S], zeroshot_labels.i32 [Z], zeroshot_prompts.i32 [C,P,ctx]."""
+    classes = [(c, s) for c in COLORS for s in SHAPES]
+    imgs, labels = [], []
+    for label, (color, shape) in enumerate(classes):
+        for k in range(ZEROSHOT_PER_CLASS):
+            rng = random.Random(SCENE_SEED * 31 + label * 101 + k)
+            row, col, sz = rng.randrange(3), rng.randrange(3), rng.choice(list(SIZES))
+            o = {"shape": shape, "color": color, "size": sz, "row": row, "col": col, "cx": (col + 0.5) / 3,
+                 "cy": (row + 0.5) / 3, "r": SIZES[sz]}
+            imgs.append(np.asarray(render([o], size, rng.randint(10, 70))).transpose(2, 0, 1))
+            labels.append(label)
+    prompts = [[f"a {sz} {c} {s} {position_phrase(r, q)}" for sz in SIZES for r in range(3) for q in range(3)]
+               for c, s in classes]
+    np.stack(imgs).astype(np.uint8).tofile(tmp / "zeroshot_images.u8")
+    np.asarray(labels, dtype=np.int32).tofile(tmp / "zeroshot_labels.i32")
+    toks = tokenizer([p for ps in prompts for p in ps]).numpy().astype(np.int32)
+    toks.tofile(tmp / "zeroshot_prompts.i32")
+    return {"images": len(labels), "classes": [f"{c} {s}" for c, s in classes], "prompts": len(prompts[0])}
 
 
 def val_count(n: int, fraction: float) -> int:
@@ -122,8 +183,9 @@ def val_count(n: int, fraction: float) -> int:
 
 # ---------------------------------------------------------------- CSV files
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """open_clip's eval transform: resize the shortest side to `size` (bicubic), centre crop."""
+def load_image(path, size: int) -> np.ndarray:
+    """open_clip's eval transform: resize the shortest side to `size` (bicubic), centre crop.
+    `path`: a file path or a binary file object (a tar member)."""
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
@@ -135,42 +197,24 @@ def load_image(path: Path, size: int) -> np.ndarray:
         return np.asarray(im).transpose(2, 0, 1)
 
 
-def _read_csvs(data, cache: Path) -> list[tuple[Path, str]]:
-    from datasets import load_dataset
-    rows = []
-    for p in map(Path, data.paths):
-        sep = "\t" if p.suffix == ".tsv" or "\t" in p.open(errors="replace").readline() else ","
-        try:
-            ds = load_dataset("csv", data_files=str(p), delimiter=sep, split="train", cache_dir=str(cache))
-        except Exception as e:  # datasets/pyarrow raise many types for malformed files
-            raise CompTError(f"data.paths: cannot read {p} as CSV: {str(e).splitlines()[0][:200]}") from None
-        for field, col in (("image_field", data.image_field), ("text_field", data.text_field)):
-            if col not in ds.column_names:
-                raise CompTError(f"data.{field}: column {col!r} not in {p} (columns: {', '.join(ds.column_names)})")
-        for img, txt in zip(ds[data.image_field], ds[data.text_field]):
-            q = Path(str(img)).expanduser()
-            # Paths relative to the CSV's own folder first (a dataset moved as a whole keeps
-            # working), then to the working directory as open_clip's CsvDataset reads them.
-            if not q.is_absolute() and (p.parent / q).exists():
-                q = p.parent / q
-            rows.append((q, "" if txt is None else str(txt)))
-    return rows
-
-
 # ---------------------------------------------------------------- preparation
 
-def _write_split(tmp: Path, split: str, items, n: int, size: int, tokenizer, ctx: int, load) -> None:
+def _write_split(tmp: Path, split: str, items, n: int, size: int, tokenizer, ctx: int, k: int, load) -> None:
     imgs = np.memmap(tmp / f"{split}_images.u8", dtype=np.uint8, mode="w+", shape=(n, 3, size, size))
-    toks = np.memmap(tmp / f"{split}_tokens.i32", dtype=np.int32, mode="w+", shape=(n, ctx))
-    with open(tmp / f"{split}_captions.txt", "w") as f:
+    toks = np.memmap(tmp / f"{split}_tokens.i32", dtype=np.int32, mode="w+", shape=(n, k, ctx))
+    ncaps = np.zeros(n, dtype=np.int32)
+    with open(tmp / f"{split}_captions.txt", "w") as f, open(tmp / f"{split}_captions.jsonl", "w") as fj:
         for start in range(0, n, 256):
             chunk = items[start:start + 256]
-            caps = []
             for j, item in enumerate(chunk):
-                imgs[start + j], cap = load(item)
-                caps.append(" ".join(cap.split()))  # one line per caption
-            toks[start:start + len(chunk)] = tokenizer(caps).numpy().astype(np.int32)
-            f.write("".join(c + "\n" for c in caps))
+                imgs[start + j], caps = load(item)
+                caps = [" ".join(c.split()) for c in caps][:k]  # one line per caption
+                ncaps[start + j] = len(caps)
+                # Unused slots repeat the image's captions: any slot is a valid caption of the image.
+                toks[start + j] = tokenizer([caps[i % len(caps)] for i in range(k)]).numpy().astype(np.int32)
+                f.write(caps[0] + "\n")
+                fj.write(json.dumps(caps) + "\n")
+    ncaps.tofile(tmp / f"{split}_ncaps.i32")
     imgs.flush()
     toks.flush()
     del imgs, toks
@@ -187,25 +231,31 @@ def prepare_image_text(data, context_length: int, out: Path) -> Path:
     def build(tmp: Path) -> dict:
         size = data.image_size
         tokenizer = SimpleTokenizer(context_length=context_length)
+        extra = {}
         if data.corpus == "shapes":
             n = data.num_samples
             n_val = val_count(n, data.val_fraction)
             splits = {"train": list(range(n - n_val)), "val": list(range(n - n_val, n))}
+            k = data.caption_variants
 
             def load(i):
-                return shapes_sample(i, size)
+                return shapes_sample(i, size, k)
+            extra["zeroshot"] = zeroshot_split(size, tokenizer, tmp)
         elif data.corpus == "files":
-            rows = _read_csvs(data, tmp / "hf-cache")
+            from .image_text_files import ImageOpener, read_files
+            rows = read_files(data, tmp / "hf-cache")
             n = len(rows)
             n_val = val_count(n, data.val_fraction)
             order = np.random.default_rng(0).permutation(n)  # CSVs are often sorted: shuffle the split
             splits = {"val": [rows[i] for i in sorted(order[:n_val])],
                       "train": [rows[i] for i in sorted(order[n_val:])]}
+            k = max(len(r[1]) for r in rows) if rows else 1
+            opener = ImageOpener()
 
             def load(row):
                 try:
-                    return load_image(row[0], size), row[1]
-                except (OSError, ValueError) as e:
+                    return load_image(opener(row[0]), size), row[1]
+                except (OSError, ValueError, KeyError) as e:
                     raise CompTError(f"data.paths: cannot read image {row[0]}: {e}") from None
         else:
             raise CompTError(f"data.corpus: open_clip trains on 'shapes' or 'files', got {data.corpus!r}")
@@ -213,33 +263,52 @@ def prepare_image_text(data, context_length: int, out: Path) -> Path:
             raise CompTError(f"data: only {n} image-caption pairs; need at least 8")
         counts = {}
         for split, items in splits.items():
-            _write_split(tmp, split, items, len(items), size, tokenizer, context_length, load)
+            _write_split(tmp, split, items, len(items), size, tokenizer, context_length, k, load)
             counts[split] = len(items)
+        if data.corpus == "files":
+            opener.close()
         shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
         return {"kind": "image_text", "samples": counts, "image_size": size, "context_length": context_length,
                 "tokenizer": "open_clip SimpleTokenizer", "vocab_size": tokenizer.vocab_size,
-                "mean": MEAN, "std": STD}
+                "mean": MEAN, "std": STD, "captions": k, **extra}
 
     return build_once(Path(out), key, build)
 
 
 class ImageText:
-    """Pairs of a prepared split: `.batch(indices)` -> (images [B,3,S,S] float normalized, tokens [B,L])."""
+    """Pairs of a prepared split: `.batch(indices, step)` -> (images [B,3,S,S] float normalized, tokens
+    [B,L] (captions=1) or [B,M,L] (M = captions)). With `step`, each image's M captions are drawn from
+    its K without replacement (with repeats only when it has fewer than M), seeded by (step, index);
+    without (eval, probes, alpha calibration), the first M, the same every time."""
 
-    def __init__(self, data_dir: Path, split: str):
+    def __init__(self, data_dir: Path, split: str, captions: int = 1):
         d = Path(data_dir)
         meta = json.loads((d / "meta.json").read_text())
-        n, s, ctx = meta["samples"][split], meta["image_size"], meta["context_length"]
+        n, s, ctx, k = meta["samples"][split], meta["image_size"], meta["context_length"], meta.get("captions", 1)
         self.images = np.memmap(d / f"{split}_images.u8", dtype=np.uint8, mode="r", shape=(n, 3, s, s))
-        self.tokens = np.memmap(d / f"{split}_tokens.i32", dtype=np.int32, mode="r", shape=(n, ctx))
+        self.tokens = np.memmap(d / f"{split}_tokens.i32", dtype=np.int32, mode="r", shape=(n, k, ctx))
+        nc = d / f"{split}_ncaps.i32"
+        self.ncaps = np.fromfile(nc, dtype=np.int32) if nc.exists() else np.ones(n, dtype=np.int32)
+        self.captions = captions
         self.mean = torch.tensor(meta["mean"]).view(1, 3, 1, 1)
         self.std = torch.tensor(meta["std"]).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = np.asarray(list(indices), dtype=np.int64)
+    def slots(self, i: int, step: int | None) -> list[int]:
+        m, have = self.captions, int(self.ncaps[i])
+        if step is None:
+            return [j % have for j in range(m)]
+        perm = np.random.default_rng((CAPTION_SEED, step, i)).permutation(have)
+        return [int(perm[j % have]) for j in range(m)]
+
+    def pixels(self, idx) -> torch.Tensor:
         images = torch.from_numpy(np.ascontiguousarray(self.images[idx])).float().div_(255)
-        tokens = torch.from_numpy(np.ascontiguousarray(self.tokens[idx])).long()
-        return (images - self.mean) / self.std, tokens
+        return (images - self.mean) / self.std
+
+    def batch(self, indices, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(list(indices), dtype=np.int64)
+        rows = [self.tokens[i, self.slots(int(i), step)] for i in idx]
+        tokens = torch.from_numpy(np.stack(rows)).long()
+        return self.pixels(idx), (tokens[:, 0] if self.captions == 1 else tokens)

@@ -43,7 +43,7 @@ class PrefetchLoader:
         o = self.order
         idx = sample_indices(len(self.dataset), o["seed"], step, micro, o["grad_accum"], o["micro_batch"],
                              o["rank"], o["world"])
-        return tuple(self.dataset.batch(idx))
+        return tuple(self.dataset.batch(idx, step))  # step: LaCLIP's per-step caption draw
 
     def _put(self, item) -> bool:
         # Bounded wait so a stop request is seen even when the consumer is gone.

@@ -124,7 +124,7 @@ class PackedTokens:
     def __len__(self) -> int:
         return self.num_samples
 
-    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.seq_len
         rows = np.stack([np.asarray(self.tokens[i * L: i * L + L + 1], dtype=np.int64) for i in indices])
         t = torch.from_numpy(rows)

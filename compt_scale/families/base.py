@@ -36,6 +36,7 @@ class Family:
     features: Callable[[Any, Batch], list]                    # teacher: [features]
     probe: Callable[[Any, Batch], Any]                        # outputs tests compare exports with
     ifd_heads: Callable[[Config, Config, Any], list]          # (student, teacher, IFDSpec): the T maps
+    evaluate: Callable[[Any, Any, Path, float], dict]         # (model, spec, data_dir, val_loss): extra metrics
     # ---- data and cost
     prepare: Callable[[Any, Path], Path]                      # (spec, data_dir) -> prepared data dir
     dataset: Callable[[Any, Path, str], Any]                  # (spec, data_dir, split): `.batch(idx)`

@@ -3,10 +3,11 @@
 Models are plain `open_clip.CLIP` built from an open_clip model-config dict: a preset name
 (`configs/models/clip-*.json`), a model-config JSON path (raw, or HF-hub style {"model_cfg": ...}), an
 export dir, or a built-in open_clip model name (config only; never downloaded). The task loss is
-open_clip's ClipLoss, the IFD streams are the image and text embeddings (the paper averages the two).
+LaCLIP's loss over M captions per image (clip_loss.py, paper eq. 2-3), the IFD streams are the image
+and text embeddings (the paper averages the two). Evaluation: clip_eval.py.
 
-Budgets: a CLIP sample is one image-caption pair, so `tokens_per_sample` is 1 and every `tokens` field
-of a CLIP chain (stage budgets, metrics, manifest) counts image-caption pairs.
+Budgets: a CLIP sample is one image with its M captions, so `tokens_per_sample` is 1 and every `tokens`
+field of a CLIP chain (stage budgets, metrics, manifest) counts images (image-caption pairs for M=1).
 
 Exports are open_clip "local-dir" folders (open_clip_config.json + open_clip_model.safetensors), so
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:DIR/<stage>/model")
@@ -20,7 +21,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from ..errors import CompTError, read_json
 from ..grow.layouts.open_clip import check_supported
@@ -108,33 +108,23 @@ def ifd_heads(cfg: dict, teacher_cfg: dict, ifd) -> list[torch.nn.Module]:
 
 
 def _embed(model, batch):
-    """(image_features, text_features, logit_scale) through CLIP.forward, never encode_* directly:
-    under ZeRO-3 the root module's own parameters (text_projection, positional_embedding,
-    logit_scale) are gathered only by its forward hook."""
+    """(image_features [B, D], text_features [B, M, D], logit_scale) through CLIP.forward, never
+    encode_* directly: under ZeRO-3 the root module's own parameters (text_projection,
+    positional_embedding, logit_scale) are gathered only by its forward hook. Tokens are [B, L] (one
+    caption per image) or [B, M, L] (M captions per image, LaCLIP): all B*M captions go through the
+    text tower in one forward."""
     images, texts = batch
+    b = texts.shape[0]
     dtype = next(model.parameters()).dtype  # a bf16 teacher/engine needs bf16 pixels for its conv
-    out = model(images.to(dtype), texts)
-    if isinstance(out, dict):
-        return out["image_features"], out["text_features"], out["logit_scale"]
-    return out[0], out[1], out[2]
-
-
-_LOSS: dict[tuple[int, int], object] = {}
-
-
-def _clip_loss():
-    import open_clip
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if (rank, world) not in _LOSS:
-        # With > 1 rank, features are all-gathered with gradient as in open_clip's training, so the
-        # contrastive batch is the global batch: every rank computes the same global loss, and
-        # all_gather's backward routes each rank's share of the gradient back to its own samples.
-        _LOSS[(rank, world)] = open_clip.ClipLoss(gather_with_grad=world > 1, rank=rank, world_size=world)
-    return _LOSS[(rank, world)]
+    out = model(images.to(dtype), texts.reshape(-1, texts.shape[-1]))
+    img, txt, scale = (out["image_features"], out["text_features"], out["logit_scale"]) \
+        if isinstance(out, dict) else out[:3]
+    return img, txt.reshape(b, -1, txt.shape[-1]), scale
 
 
 def losses(model, batch):
-    """(contrastive loss, [image_features, text_features]) in one forward.
+    """(LaCLIP contrastive loss over M captions per image (clip_loss.py, paper eq. 2-3), [image
+    features, text features]) in one forward.
 
     IFD uses the L2-normalized embeddings (what CLIP.forward returns; `ifd.normalize` places T before
     or after that normalization, see ifd_heads): the contrastive loss sees only
@@ -144,22 +134,29 @@ def losses(model, batch):
     joint space. It also keeps L_IFD's scale independent of width, so alpha calibrates the same way
     at every stage.
     """
+    from .clip_loss import laclip_loss
     img, txt, scale = _embed(model, batch)
     # open_clip's trainer clamps logit_scale after each step; clamping its value here has the same
     # effect for the loss (the generic loop has no per-family post-step hook).
-    task = _clip_loss()(img.float(), txt.float(), scale.float().clamp(max=MAX_LOGIT_SCALE))
-    return task, [img, txt]
+    task = laclip_loss(img.float(), txt.float(), scale.float().clamp(max=MAX_LOGIT_SCALE))
+    return task, [img, txt.flatten(0, 1)]
 
 
 def features(model, batch):
     img, txt, _ = _embed(model, batch)
-    return [img, txt]
+    return [img, txt.flatten(0, 1)]
+
+
+def evaluate(model, spec, data_dir: Path, val_loss: float) -> dict:
+    """Extra eval metrics for metrics.jsonl: zero-shot top-1 (labelled split) and retrieval R@1/R@5."""
+    from .clip_eval import evaluate as clip_evaluate
+    return clip_evaluate(model, data_dir, _embed, next(model.parameters()).device)
 
 
 def probe(model, batch) -> torch.Tensor:
     """Image and text embeddings on a fixed batch, concatenated: tests compare the export with them."""
     img, txt, _ = _embed(model, batch)
-    return torch.cat([img.float(), txt.float()], dim=-1)
+    return torch.cat([img.float(), txt[:, 0].float()], dim=-1)
 
 
 def flops_per_token(cfg: dict, spec) -> float:
@@ -195,7 +192,7 @@ def model_config(spec, stage, data_dir: Path) -> dict:
 
 def dataset(spec, data_dir: Path, split: str):
     from ..data.image_text import ImageText
-    return ImageText(data_dir, split)
+    return ImageText(data_dir, split, spec.data.captions_per_image)
 
 
 def tokens_per_sample(spec) -> int:
@@ -203,18 +200,20 @@ def tokens_per_sample(spec) -> int:
 
 
 def stage_macs(student_cfg: dict, teacher_cfg: dict | None, spec, samples: int) -> dict:
-    """MACs of one optimizer step over `samples` pairs (paper appendix C.2, one caption per image):
-    student forward + backward + AdamW update; with a teacher, its forward and the two IFD heads
-    (forward, backward incl. input grad, update), as flops.stage_macs counts them for decoders."""
+    """MACs of one optimizer step over `samples` images (paper appendix C.2): a sample is 1 image + M
+    captions (M = data.captions_per_image; the paper's Table G counts 4). Student forward + backward +
+    AdamW update; with a teacher, its forward and the two IFD heads (forward, backward incl. input
+    grad, update; the text head sees M rows per image), as flops.stage_macs counts them for decoders."""
     from ..flops import ADAMW_UPDATE_MACS_PER_PARAM as UPD
     from ..flops import clip_macs
-    s = clip_macs(student_cfg, captions=1)
+    m = spec.data.captions_per_image
+    s = clip_macs(student_cfg, captions=m)
     train = samples * (s["forward_per_sample"] + s["backward_per_sample"]) + s["update_per_step"]
     teacher = 0
     if teacher_cfg is not None:
-        teacher = samples * clip_macs(teacher_cfg, captions=1)["forward_per_sample"]
-        for d_s, d_t in zip(feature_dims(student_cfg), feature_dims(teacher_cfg)):
-            train += samples * 3 * d_s * d_t + UPD * (d_s * d_t + d_t)
+        teacher = samples * clip_macs(teacher_cfg, captions=m)["forward_per_sample"]
+        for rows, d_s, d_t in zip((1, m), feature_dims(student_cfg), feature_dims(teacher_cfg), strict=True):
+            train += samples * rows * 3 * d_s * d_t + UPD * (d_s * d_t + d_t)
     return {"train_macs": int(train), "teacher_macs": int(teacher), "macs": int(train + teacher)}
 
 
@@ -252,7 +251,7 @@ def export(student, state: dict, data_dir: Path, out: Path) -> None:
 def _check_model(cfg: dict, spec, where: str, ctx0: tuple[int, str] | None) -> None:
     for key in ("custom_text", "multimodal_cfg", "init_logit_bias", "nonscalar_logit_scale"):
         if cfg.get(key):
-            raise CompTError(f"{where}: {key} is not supported (plain open_clip CLIP with ClipLoss only)")
+            raise CompTError(f"{where}: {key} is not supported (plain open_clip CLIP with the contrastive loss only)")
     v, t = _vision(cfg), _text(cfg)
     if v["image_size"] != spec.data.image_size:
         raise CompTError(f"{where}: vision_cfg.image_size {v['image_size']} differs from data.image_size "
@@ -276,9 +275,12 @@ def validate_chain(spec) -> None:
     from . import check_successor
     if spec.data.corpus == "files":
         for p in spec.data.paths:
-            if Path(p).suffix not in (".csv", ".tsv"):
+            if Path(p).suffix not in (".csv", ".tsv", ".tar"):
                 raise CompTError(f"data.paths: open_clip reads .csv/.tsv files (image path + caption "
-                                 f"columns), got {p}")
+                                 f"columns) or webdataset .tar shards, got {p}")
+    for key in ("captions_per_image", "caption_variants"):
+        if not (isinstance(getattr(spec.data, key), int) and getattr(spec.data, key) >= 1):
+            raise CompTError(f"data.{key}: must be an integer >= 1, got {getattr(spec.data, key)!r}")
     if spec.data.corpus == "shapes" and spec.data.num_samples < 16:
         raise CompTError(f"data.num_samples: need at least 16 image-caption pairs, got {spec.data.num_samples}")
     ctx0, prev = None, None
@@ -303,6 +305,6 @@ FAMILY = Family(
     preset_names=preset_names, load_config=load_config,
     plan_config=plan_config, model_config=model_config, param_count=param_count, build=build,
     config_of=config_of, load_export=load_export, export=export, feature_dims=feature_dims,
-    losses=losses, features=features, probe=probe, ifd_heads=ifd_heads, prepare=prepare, dataset=dataset,
+    losses=losses, features=features, probe=probe, ifd_heads=ifd_heads, evaluate=evaluate, prepare=prepare, dataset=dataset,
     tokens_per_sample=tokens_per_sample, stage_macs=stage_macs, validate_chain=validate_chain,
     flops_per_token=flops_per_token, liger_supported=liger_supported, apply_liger=apply_liger)

@@ -206,6 +206,12 @@ def export(student, state: dict, data_dir: Path, out: Path) -> None:
         AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")).save_pretrained(str(tmp))
 
 
+def evaluate(model, spec, data_dir, val_loss: float) -> dict:
+    """Extra eval metrics for metrics.jsonl: perplexity of the val loss (nats per token)."""
+    import math
+    return {"perplexity": math.exp(min(val_loss, 50.0))}
+
+
 def probe(model, batch) -> torch.Tensor:
     """Logits on a fixed batch: tests compare the export against the trained engine with them."""
     return model(input_ids=batch[0]).logits.float()
@@ -285,6 +291,6 @@ FAMILY = Family(
     preset_names=preset_names, load_config=load_config,
     plan_config=plan_config, model_config=model_config, param_count=param_count, build=build,
     config_of=config_of, load_export=load_export, export=export, feature_dims=feature_dims,
-    losses=losses, features=features, probe=probe, ifd_heads=ifd_heads, prepare=prepare, dataset=dataset,
+    losses=losses, features=features, probe=probe, ifd_heads=ifd_heads, evaluate=evaluate, prepare=prepare, dataset=dataset,
     tokens_per_sample=tokens_per_sample, stage_macs=stage_macs, validate_chain=validate_chain,
     flops_per_token=flops_per_token, liger_supported=liger_supported, apply_liger=apply_liger)

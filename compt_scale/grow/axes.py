@@ -114,12 +114,49 @@ class Source:
         return self.tensor.narrow(dim, lo, hi - lo)
 
 
+def interp_matrix(s: int, t: int) -> torch.Tensor:
+    """[t, s] weights of 1-D linear interpolation from s to t points, as F.interpolate(mode="linear",
+    align_corners=False) computes them (half-pixel centres, edges clamped)."""
+    x = ((torch.arange(t, dtype=torch.float64) + 0.5) * s / t - 0.5).clamp(min=0)
+    i0 = x.floor().long().clamp(max=s - 1)
+    i1 = (i0 + 1).clamp(max=s - 1)
+    w = x - i0
+    a = torch.zeros(t, s, dtype=torch.float64)
+    a[torch.arange(t), i0] += 1 - w
+    a[torch.arange(t), i1] += w
+    return a
+
+
+def interpolate_dim(factors, src_sizes, tgt_sizes) -> torch.Tensor:
+    """One dim's [T, S] interpolation: per factor (so packed q/k/v blocks and heads never mix), the
+    Kronecker product of the factors' linear interpolations; fixed factors are kept."""
+    a = torch.ones(1, 1, dtype=torch.float64)
+    for f, s, t in zip(factors, src_sizes, tgt_sizes, strict=True):
+        a = torch.kron(a, torch.eye(s, dtype=torch.float64) if (_fixed(f) or s == t) else interp_matrix(s, t))
+    return a
+
+
+def _interpolate(out: torch.Tensor, src: Source, spec: TensorSpec, src_fs, tgt_fs) -> dict:
+    """Width `interpolate` (paper App. D.1, Fig. A (b)): the teacher's tensor resampled to the
+    student's shape by separable linear interpolation along every dim (bilinear for matrices). It
+    reads the whole source tensor: an ablation operator, not the streaming default."""
+    x = src.read(0, 0, src.shape[0]).to(torch.float64)
+    for d, ((_, fs), s, t) in enumerate(zip(spec.dims, src_fs, tgt_fs, strict=True)):
+        if s == t:
+            continue  # an unchanged dim (vocab, positions): nothing to resample
+        x = torch.movedim(torch.tensordot(interpolate_dim(fs, s, t), x, dims=([1], [d])), 0, d)
+    out.copy_(x.to(out.dtype))
+    return {"copies": 1}
+
+
 def place(out: torch.Tensor, src: Source, spec: TensorSpec, src_fs, tgt_fs, width: str,
           noise_snr: float | None = None, generator: torch.Generator | None = None) -> dict:
     """Write the grown source into `out` (already holding the student's init) in place."""
     if out.dim() == 0:
         out.copy_(src.read(0, 0, 1) if src.shape else src.tensor)
         return {"copies": 1}
+    if width == "interpolate":
+        return _interpolate(out, src, spec, src_fs, tgt_fs)
     maps, copies = zip(*(dim_map(fs, s, t, width) for (_, fs), s, t in zip(spec.dims, src_fs, tgt_fs)))
     div_dims = [d for d, (role, _) in enumerate(spec.dims) if role == "i" and copies[d] > 1]
     scale = 1.0 / math.prod(copies[d] for d in div_dims) if div_dims else 1.0

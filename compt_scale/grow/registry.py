@@ -55,14 +55,22 @@ class Layout:
 
 # ---------------------------------------------------------------- depth operators
 
-def depth_map(depth: str, n_src: int, n_tgt: int) -> list[tuple[int, bool]]:
-    """For each target layer: (source layer, zero its residual output projections)."""
+def depth_map(depth: str, n_src: int, n_tgt: int) -> list[tuple[int | None, bool]]:
+    """For each target layer: (source layer, or None to keep the student's own init; zero its
+    residual output projections). `constant` and `interval` are the paper's depth ablations (App.
+    D.1, Fig. A (d), (e)): the first p of q layers from the source, or source layer i at target
+    layer ceil(i q / p) (the first copy `duplicate` makes of it); the other layers keep their init."""
     if depth == "duplicate":   # the paper: L -> 2L gives 0,0,1,1,...
         return [(j * n_src // n_tgt, False) for j in range(n_tgt)]
     if depth == "stack":       # G_stack: the whole stack repeated
         return [(j % n_src, False) for j in range(n_tgt)]
     if depth == "zero":        # source layers kept in order, new layers are identity residual blocks
         return [(j, False) if j < n_src else (j * n_src // n_tgt, True) for j in range(n_tgt)]
+    if depth == "constant":
+        return [(j, False) if j < n_src else (None, False) for j in range(n_tgt)]
+    if depth == "interval":
+        at = {-(-i * n_tgt // n_src): i for i in range(n_src)}
+        return [(at.get(j), False) for j in range(n_tgt)]
     raise CompTError(f"unknown depth operator {depth!r} (known: {', '.join(DEPTH_OPS)})")
 
 
@@ -130,7 +138,7 @@ def plan(src_config, tgt_config, tgt_keys, width: str, depth: str, noise_snr: fl
         src_key = key
         if stack is not None:
             src_i, zero = dmaps[stack][i]
-            src_key = tmpl.replace("{" + stack + "}", str(src_i))
+            src_key = None if src_i is None else tmpl.replace("{" + stack + "}", str(src_i))
             zero = zero and spec.res
         alias = None
         if key in layout.tied and layout.is_tied(tgt_config) and not untie:
@@ -141,6 +149,7 @@ def plan(src_config, tgt_config, tgt_keys, width: str, depth: str, noise_snr: fl
         "sizes": {k: [s_sizes[k], t_sizes[k]] for k in t_sizes},
         "depth_map": {st: [m[0] for m in dm] for st, dm in dmaps.items()},
         "zeroed_layers": {st: [j for j, m in enumerate(dm) if m[1]] for st, dm in dmaps.items()},
+        "init_layers": {st: [j for j, m in enumerate(dm) if m[0] is None] for st, dm in dmaps.items()},
         # Cloning splits the output head (hidden / copies) but duplicates the input embedding, so
         # they can no longer share storage: the output is untied and the target config must say so.
         "untied_embeddings": untie,
@@ -168,6 +177,8 @@ def grow_tensor(step: Step, src: Source | None, out: torch.Tensor, layout: Layou
     if step.zero:
         out.zero_()
         return {"from": None, "op": "zeroed (new layer's residual output)"}
+    if src is None:
+        return {"from": None, "op": "student init (a layer the depth operator leaves new)"}
     s_sizes, t_sizes = layout.sizes(src_config), layout.sizes(tgt_config)
     src_fs = factor_sizes(step.spec, s_sizes, src.shape, f"source {step.src_key}")
     tgt_fs = factor_sizes(step.spec, t_sizes, tuple(out.shape), f"target {step.key}")
@@ -199,7 +210,7 @@ def grow_state(src_state: dict, src_config, tgt_config, tgt_state: dict, width: 
             continue  # filled after its canonical key
         t = tgt_state[st.key].detach().clone()
         src = None
-        if not st.zero:
+        if st.src_key is not None:
             k = source_key(layout, src_config, st.src_key, src_state)
             src = Source(src_state[k].detach())
             st.src_key = k

@@ -52,7 +52,7 @@ def grow_into_model(model: torch.nn.Module, src_state_or_reader, src_config, tgt
     if rank == 0:   # resolve every source before the first collective, so a bad source fails all ranks
         try:
             for st in steps:
-                if not st.zero:
+                if st.src_key is not None:
                     st.src_key = source_key(layout, src_config, st.src_key, src)
         except CompTError as e:
             err = str(e)
@@ -67,7 +67,7 @@ def grow_into_model(model: torch.nn.Module, src_state_or_reader, src_config, tgt
         with _gathered(p), torch.no_grad():
             if rank == 0:
                 s = None
-                if not st.zero:
+                if st.src_key is not None:
                     s = src.source(st.src_key) if hasattr(src, "source") else Source(src[st.src_key].detach())
                 report["tensors"][st.key] = grow_tensor(st, s, p.data, layout, src_config, tgt_config,
                                                         width, noise_snr, generator)

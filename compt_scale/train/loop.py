@@ -167,7 +167,9 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
                            "mfu": mfu(flops_per_token, rate, peak, world)})
                 bar.set_postfix(loss=f"{st['task']:.3f}", ifd=f"{st['ifd']:.3f}")
             if eval_now:
-                evrec = {**rec, "val_loss": evaluate(engine, val_data, cfg)}
+                val = evaluate(engine, val_data, cfg)
+                evrec = {**rec, "val_loss": val,
+                         **cfg.family.evaluate(engine.module.student, cfg.spec, cfg.data_dir, val)}
                 if auto is not None:  # the alpha of the steps from here to the next eval
                     alpha = auto.recalibrate(alpha, cfg.ifd.ratio, reduce=all_reduce_mean)
                     evrec["alpha"] = alpha
@@ -183,14 +185,15 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
         log.close()
         raise SystemExit(EXIT_PREEMPTED)
     final_val = evaluate(engine, val_data, cfg)
+    final_metrics = cfg.family.evaluate(engine.module.student, cfg.spec, cfg.data_dir, final_val)
     log.write({"final": True, "step": cfg.steps, "tokens": cfg.steps * tokens_per_step,
-               "macs": cfg.steps * cfg.macs_per_step, "val_loss": final_val})
+               "macs": cfg.steps * cfg.macs_per_step, "val_loss": final_val, **final_metrics})
     log.close()
     if start < cfg.steps:  # a finished run resumed again has nothing new to checkpoint
         checkpoint.save(engine, ckpt_dir, cfg.steps, {"step": cfg.steps, "alpha": alpha})
     probe = probe_outputs(engine, val_data, cfg.family)
     # The stage exports from the engine (parameter by parameter, or gathered for small families).
-    return {"final_val_loss": final_val, "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
+    return {"final_val_loss": final_val, "eval": final_metrics, "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
             "alpha": alpha, "engine": engine, "probe_logits": probe, "seconds": time.time() - t0}
 
 
