@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from compt_scale.config import DataSpec
+from compt_scale.config import ImageTextDataSpec
 from compt_scale.families.clip_eval import retrieval_recall, zero_shot_accuracy
 
 
@@ -51,7 +51,7 @@ def test_family_evaluate_on_a_real_model(tmp_path):
     from compt_scale.data.image_text import prepare_image_text
     from compt_scale.families import get_family
     fam = get_family("open_clip")
-    d = prepare_image_text(DataSpec(corpus="shapes", num_samples=80, image_size=64, caption_variants=2),
+    d = prepare_image_text(ImageTextDataSpec(corpus="shapes", num_samples=80, image_size=64, caption_variants=2),
                            32, tmp_path / "d")
     meta = json.loads((d / "meta.json").read_text())
     assert len(meta["zeroshot"]["classes"]) == 28

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from compt_scale.config import DataSpec
+from compt_scale.config import ImageTextDataSpec
 from compt_scale.data.image_text import ImageText, prepare_image_text
 from compt_scale.families import clip_family
 from compt_scale.families.clip_loss import laclip_loss
@@ -116,7 +116,7 @@ OBJ = re.compile(r"(small|large)")
 
 def test_shapes_paraphrases_and_per_step_draws(tmp_path):
     from compt_scale.data.image_text import scene
-    d = prepare_image_text(DataSpec(corpus="shapes", num_samples=40, image_size=32, caption_variants=5),
+    d = prepare_image_text(ImageTextDataSpec(corpus="shapes", num_samples=40, image_size=32, caption_variants=5),
                            16, tmp_path / "d")
     caps = [json.loads(x) for x in (d / "train_captions.jsonl").read_text().splitlines()]
     assert all(len(c) == 5 and len(set(c)) == 5 for c in caps)
@@ -150,7 +150,7 @@ def test_multi_caption_csv_and_webdataset_tar(tmp_path):
         third = "" if i % 2 else f"third {i}"
         lines.append(f"img/{i}.png,first {i},second {i}|extra {i},{third}")
     (tmp_path / "a.csv").write_text("\n".join(lines) + "\n")
-    spec = DataSpec(corpus="files", paths=[str(tmp_path / "a.csv")], text_field="title", image_size=16,
+    spec = ImageTextDataSpec(corpus="files", paths=[str(tmp_path / "a.csv")], text_field="title", image_size=16,
                     caption_sep="|")
     d = prepare_image_text(spec, 16, tmp_path / "csv")
     got = [json.loads(x) for s in ("train", "val") for x in (d / f"{s}_captions.jsonl").read_text().splitlines()]
@@ -168,7 +168,7 @@ def test_multi_caption_csv_and_webdataset_tar(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    spec = DataSpec(corpus="files", paths=[str(tmp_path / "shard-0.tar")], image_size=16)
+    spec = ImageTextDataSpec(corpus="files", paths=[str(tmp_path / "shard-0.tar")], image_size=16)
     d = prepare_image_text(spec, 16, tmp_path / "tar")
     rows = {}
     for s in ("train", "val"):

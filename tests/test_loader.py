@@ -45,7 +45,7 @@ class FailsAt:
     def __len__(self):
         return len(self.data)
 
-    def batch(self, idx):
+    def batch(self, idx, step=None):
         self.calls += 1
         if self.calls == self.bad_call:
             raise OSError("torn read")
