@@ -71,11 +71,13 @@ class GrowthSpec:
 @dataclass
 class StageSpec:
     name: str
-    model: str                         # preset name (configs/models/<name>.json) or a config.json path
+    model: str = ""                    # preset name (configs/models/<name>.json) or a config.json path
     tokens: int | None = None          # training budget in tokens
     train: dict = field(default_factory=dict)   # per-stage overrides of TrainSpec fields
     growth: dict = field(default_factory=dict)  # per-stage overrides of GrowthSpec fields
     ifd: dict = field(default_factory=dict)     # per-stage overrides of IFDSpec fields
+    grow_to: dict = field(default_factory=dict)  # instead of model: {width: 2x, depth: 2x, <field>: v}
+                                                 # derived from the predecessor (grow/targets.py)
 
 
 @dataclass
@@ -264,6 +266,17 @@ def _resolve_path(p: str, base: Path) -> str:
     return str(q if q.is_absolute() else (base / q))
 
 
+def _derived_model(st: StageSpec, earlier: list[StageSpec], where: str, key: str) -> None:
+    """A `grow_to:` stage: validate the factors, label its model after the predecessor."""
+    from .grow.targets import describe, parse_grow_to
+    if st.model:
+        raise CompTError(f"{where}: give either model: or grow_to:, not both")
+    if key != "stages" or not earlier:
+        raise CompTError(f"{where}.grow_to: needs a predecessor stage (not on the first stage or a baseline)")
+    parse_grow_to(st.grow_to, f"{where}.grow_to")
+    st.model = f"{earlier[-1].name} ({describe(st.grow_to)})"   # a label, unique per predecessor
+
+
 def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = None) -> ChainSpec:
     """Build and validate a ChainSpec from parsed YAML. Relative paths resolve against base_dir."""
     base_dir = base_dir or Path.cwd()
@@ -292,7 +305,11 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
             st = _build(StageSpec, s, f"{key}[{i}]")
             if not st.name or not all(c.isalnum() or c in "-_." for c in st.name):
                 raise CompTError(f"{key}[{i}].name: {st.name!r} must be non-empty letters, digits, '-', '_' or '.'")
-            if st.model.endswith(".json") or "/" in st.model:
+            if st.grow_to:
+                _derived_model(st, out, f"{key}[{i}]", key)
+            elif not st.model:
+                raise CompTError(f"{key}[{i}].model: required field is missing (or give grow_to:)")
+            elif st.model.endswith(".json") or "/" in st.model:
                 st.model = _resolve_path(st.model, base_dir)
             if st.tokens is not None and st.tokens <= 0:
                 raise CompTError(f"{key}[{i}].tokens: budget must be positive, got {st.tokens}")
@@ -329,6 +346,9 @@ def validate_chain(spec: ChainSpec) -> None:
     from .families import FAMILIES
     if spec.family not in FAMILIES:
         raise CompTError(f"spec.family: unknown family {spec.family!r} (known: {', '.join(FAMILIES)})")
+    for i, s in enumerate(spec.stages):
+        if s.grow_to and spec.family != "hf_decoder":
+            raise CompTError(f"stages[{i}].grow_to: derived targets are for hf_decoder chains; give model:")
     _validate_section(spec.data, "data")
     _validate_section(spec.train, "train")
     _validate_section(spec.ifd, "ifd")

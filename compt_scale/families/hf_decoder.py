@@ -46,6 +46,15 @@ def load_config(model: str, vocab_size: int | None = None, **overrides) -> Pretr
         raise CompTError(f"{path}: {msg}") from None
 
 
+def stage_config(spec, stage, **kw) -> PretrainedConfig:
+    """A stage's config: its `model:`, or for `grow_to:` derived from the predecessor's (recursively)."""
+    if not stage.grow_to:
+        return load_config(stage.model, **kw)
+    from ..grow.targets import derive_config
+    base = stage_config(spec, spec.predecessor(stage.name), **kw)
+    return derive_config(base, stage.grow_to, spec.growth_for(stage).depth)
+
+
 def hidden_size(config: PretrainedConfig) -> int:
     return int(config.hidden_size)
 
@@ -103,7 +112,7 @@ def prepare(spec, data_dir: Path) -> Path:
 
 def plan_config(spec, stage) -> PretrainedConfig:
     """The stage's config before any data exists (the planner's view): vocab from the spec."""
-    return load_config(stage.model, vocab_size=spec.data.vocab_size)
+    return stage_config(spec, stage, vocab_size=spec.data.vocab_size)
 
 
 def model_config(spec, stage, data_dir: Path) -> PretrainedConfig:
@@ -111,8 +120,8 @@ def model_config(spec, stage, data_dir: Path) -> PretrainedConfig:
     from transformers import AutoTokenizer
     meta = json.loads((data_dir / "meta.json").read_text())
     tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
-    return load_config(stage.model, vocab_size=meta["vocab_size"], bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return stage_config(spec, stage, vocab_size=meta["vocab_size"], bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 def dataset(spec, data_dir: Path, split: str):
@@ -159,8 +168,9 @@ def validate_chain(spec) -> None:
     for i, stage in enumerate(spec.stages):
         where = f"stages[{i}].model"
         try:
-            cfg = load_config(stage.model)
+            cfg = stage_config(spec, stage)
         except CompTError as e:
+            where = f"stages[{i}].grow_to" if stage.grow_to else where
             raise CompTError(f"{where}: {e}") from None
         if stage.model.endswith(".json") and getattr(cfg, "vocab_size", None) not in (None, vocab) \
                 and spec.data.tokenizer == "train":
