@@ -34,6 +34,8 @@ class DataSpec:
     val_fraction: float = 0.02
     max_chars: int = 6_000_000        # cap on the corpus size, so small demos stay small
     cache_dir: str | None = None      # default: <out>/data
+    doc_mask: bool = True             # decoders: positions restart after each EOS, attention stays in its document
+    num_proc: int | None = None       # tokenizer processes (datasets.map); default min(8, CPU count)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class TrainSpec:
     zero_stage: int | str = "auto"     # 0-3, or "auto": the ds_configs preset picked by size
     ds_config: str | None = None       # explicit DeepSpeed JSON (overrides the preset)
     precision: str = "fp32"            # fp32 | bf16
+    activation_checkpointing: bool = False  # recompute each layer in backward (non-reentrant)
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 100
@@ -259,6 +262,8 @@ def _validate_section(obj, where: str) -> None:
             raise CompTError(f"data.val_fraction: must be in (0, 0.5), got {obj.val_fraction}")
         if obj.max_chars <= 0:
             raise CompTError("data.max_chars: must be positive")
+        if obj.num_proc is not None and obj.num_proc < 1:
+            raise CompTError(f"data.num_proc: must be >= 1, got {obj.num_proc}")
 
 
 def _resolve_path(p: str, base: Path) -> str:

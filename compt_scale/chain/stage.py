@@ -92,6 +92,8 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     cfg = family.model_config(spec, stage, data_dir)
     train, ifd, growth = spec.train_for(stage), spec.ifd_for(stage), spec.growth_for(stage)
     student = family.build(cfg, seed=spec.seed + 1000 * (spec.index(name) + 1))
+    if train.activation_checkpointing:
+        family.enable_activation_checkpointing(student)
     pred, teacher_model = load_teacher(spec, name, out)
     teacher, heads = None, None
     if teacher_model is not None:

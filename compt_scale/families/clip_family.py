@@ -162,6 +162,11 @@ def features(model, batch):
     return [img, txt]
 
 
+def enable_activation_checkpointing(model) -> None:
+    """`train.activation_checkpointing`: open_clip's own (non-reentrant) per-block checkpointing."""
+    model.set_grad_checkpointing(True)
+
+
 def probe(model, batch) -> torch.Tensor:
     """Image and text embeddings on a fixed batch, concatenated: tests compare the export with them."""
     img, txt, _ = _embed(model, batch)

@@ -76,23 +76,85 @@ def build(config: PretrainedConfig, seed: int) -> torch.nn.Module:
     return model.float()
 
 
+CE_CHUNK_TOKENS = 2048   # tokens per chunk of the loss: fp32 logits of at most this many are alive
+
+
+def model_inputs(batch) -> dict:
+    """Keyword inputs of an HF decoder for a batch (input_ids, labels[, position_ids]).
+
+    With position ids (packed documents, `data.doc_mask`), positions restart after each EOS and a
+    block-diagonal causal mask [B, 1, T, T] (bool, True = attend) keeps attention inside each
+    document: HF passes a 4D mask to sdpa as is.
+    """
+    if len(batch) < 3:
+        return {"input_ids": batch[0]}
+    pos = batch[2]
+    doc = (pos == 0).cumsum(dim=1)
+    T = pos.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=pos.device).tril()
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal
+    return {"input_ids": batch[0], "position_ids": pos, "attention_mask": mask[:, None]}
+
+
+def _chunk_ce(head, hidden, labels):
+    return torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, chunk: int = CE_CHUNK_TOKENS):
+    """Mean cross-entropy of head(hidden) against labels, computed `chunk` tokens at a time.
+
+    Each chunk's logits are recomputed in backward (non-reentrant checkpoint), so neither the forward
+    nor the autograd graph ever holds the fp32 logits of the whole micro-batch: what is saved is the
+    hidden state (which IFD keeps anyway) and the labels. The head is called as a module, so ZeRO-3
+    gathers its partitioned weight for each chunk as it does for any forward.
+    """
+    from torch.utils.checkpoint import checkpoint
+    h, y = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+    total = None
+    for s in range(0, y.numel(), chunk):
+        part = checkpoint(_chunk_ce, head, h[s:s + chunk], y[s:s + chunk], use_reentrant=False)
+        total = part if total is None else total + part
+    return total / y.numel()
+
+
+def _plain_head(model) -> bool:
+    """Whether logits are exactly lm_head(final hidden): no softcapping or logit scaling after it."""
+    c = model.config
+    return not any(getattr(c, k, None) not in (None, 1, 1.0) for k in
+                   ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"))
+
+
 def losses(model, batch):
     """(task loss, [final hidden state [B, T, d]]) in one forward pass.
 
-    `batch` is (input_ids, labels) with labels already shifted (next-token targets), so the loss is
-    computed here rather than by HF's internal shift, which would drop the last position of every
-    packed sequence.
+    `batch` is (input_ids, labels[, position_ids]) with labels already shifted (next-token targets),
+    so the loss is computed here rather than by HF's internal shift, which would drop the last
+    position of every packed sequence. The base model gives the final hidden state (IFD's feature);
+    the LM head and the loss run chunk by chunk on it (chunked_cross_entropy).
     """
-    input_ids, labels = batch
-    out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
-    logits = out.logits
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
-    return loss, [out.hidden_states[-1]]
+    labels = batch[1]
+    if not _plain_head(model):
+        out = model(**model_inputs(batch), output_hidden_states=True, use_cache=False)
+        logits = out.logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
+        return loss, [out.hidden_states[-1]]
+    hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
+    return chunked_cross_entropy(hidden, model.get_output_embeddings(), labels), [hidden]
 
 
 def features(model, batch):
     """The teacher's side: the same final hidden state, without the LM head."""
-    return [model.base_model(input_ids=batch[0], use_cache=False).last_hidden_state]
+    return [model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state]
+
+
+def enable_activation_checkpointing(model) -> None:
+    """`train.activation_checkpointing`: recompute each decoder layer in backward (non-reentrant,
+    which works under ZeRO-3 and with inputs that need no grad)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.2x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def feature_dims(config) -> list[int]:
@@ -127,7 +189,7 @@ def model_config(spec, stage, data_dir: Path) -> PretrainedConfig:
 def dataset(spec, data_dir: Path, split: str):
     """Samples addressed by index: `.batch(indices)` -> (input_ids, labels)."""
     from ..data.packed import PackedTokens
-    return PackedTokens(data_dir, split, spec.data.seq_len)
+    return PackedTokens(data_dir, split, spec.data.seq_len, doc_positions=spec.data.doc_mask)
 
 
 def tokens_per_sample(spec) -> int:
@@ -155,7 +217,7 @@ def export(student, state: dict, data_dir: Path, out: Path) -> None:
 
 def probe(model, batch) -> torch.Tensor:
     """Logits on a fixed batch: tests compare the export against the trained engine with them."""
-    return model(input_ids=batch[0]).logits.float()
+    return model(input_ids=batch[0]).logits.float()   # plain inputs: what a user of the export runs
 
 
 def validate_chain(spec) -> None:
