@@ -47,6 +47,8 @@ class TextDataSpec(DataSpec):
                                       # "auto": the first `init:` model's own (default when stage 0 has init:)
     vocab_size: int = 4096
     seq_len: int = 128
+    doc_mask: bool = True             # positions restart after each EOS, attention stays in its document
+    num_proc: int | None = None       # tokenizer processes (datasets.map); default min(8, CPU count)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class TrainSpec:
     zero_stage: int | str = "auto"     # 0-3, or "auto": the ds_configs preset picked by size
     ds_config: str | None = None       # explicit DeepSpeed JSON (overrides the preset)
     precision: str = "fp32"            # fp32 | bf16
+    activation_checkpointing: bool = False  # recompute each layer in backward (non-reentrant)
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 100
@@ -111,6 +114,8 @@ class StageSpec:
     growth: dict = field(default_factory=dict)  # per-stage overrides of GrowthSpec fields
     ifd: dict = field(default_factory=dict)     # per-stage overrides of IFDSpec fields
     init: str | None = None            # an HF model dir (safetensors) whose weights the stage starts from
+    grow_to: dict = field(default_factory=dict)  # instead of model: {width: 2x, depth: 2x, <field>: v}
+                                                 # derived from the predecessor (grow/targets.py)
 
 
 @dataclass
@@ -326,6 +331,8 @@ def _validate_section(obj, where: str) -> None:
                 if getattr(obj, k) < 1:
                     raise CompTError(f"data.{k}: must be >= 1, got {getattr(obj, k)}")
         if isinstance(obj, TextDataSpec):
+            if obj.num_proc is not None and obj.num_proc < 1:
+                raise CompTError(f"data.num_proc: must be >= 1, got {obj.num_proc}")
             if obj.tokenizer != "train" and not (Path(obj.tokenizer).is_dir() and any(
                     (Path(obj.tokenizer) / f).is_file() for f in TOKENIZER_FILES)):
                 raise CompTError(f"data.tokenizer: not 'train' and not a tokenizer directory (none of "
@@ -339,6 +346,17 @@ def _validate_section(obj, where: str) -> None:
 def _resolve_path(p: str, base: Path) -> str:
     q = Path(p).expanduser()
     return str(q if q.is_absolute() else (base / q))
+
+
+def _derived_model(st: StageSpec, earlier: list[StageSpec], where: str, key: str) -> None:
+    """A `grow_to:` stage: validate the factors, label its model after the predecessor."""
+    from .grow.targets import describe, parse_grow_to
+    if st.model:
+        raise CompTError(f"{where}: give either model: or grow_to:, not both")
+    if key != "stages" or not earlier:
+        raise CompTError(f"{where}.grow_to: needs a predecessor stage (not on the first stage or a baseline)")
+    parse_grow_to(st.grow_to, f"{where}.grow_to")
+    st.model = f"{earlier[-1].name} ({describe(st.grow_to)})"   # a label, unique per predecessor
 
 
 def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = None) -> ChainSpec:
@@ -374,11 +392,13 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
                 st.init = _resolve_path(st.init, base_dir)
                 if not (Path(st.init) / "config.json").is_file():
                     raise CompTError(f"{key}[{i}].init: not a Hugging Face model dir (no config.json): {st.init}")
-            if st.model is None:
+            if st.grow_to:
+                _derived_model(st, out, f"{key}[{i}]", key)
+            elif st.model is None:
                 if st.init is None:
-                    raise CompTError(f"{key}[{i}].model: required field is missing (or give init:)")
+                    raise CompTError(f"{key}[{i}].model: required field is missing (or give init: or grow_to:)")
                 st.model = st.init
-            if st.model.endswith(".json") or "/" in st.model:
+            elif st.model.endswith(".json") or "/" in st.model:
                 st.model = _resolve_path(st.model, base_dir)
             if st.tokens is not None and (st.tokens < 0 or (st.tokens == 0 and st.init is None)):
                 raise CompTError(f"{key}[{i}].tokens: budget must be positive, got {st.tokens}"
@@ -435,6 +455,9 @@ def validate_chain(spec: ChainSpec) -> None:
     from .families import FAMILIES
     if spec.family not in FAMILIES:
         raise CompTError(f"spec.family: unknown family {spec.family!r} (known: {', '.join(FAMILIES)})")
+    for i, s in enumerate(spec.stages):
+        if s.grow_to and spec.family != "hf_decoder":
+            raise CompTError(f"stages[{i}].grow_to: derived targets are for hf_decoder chains; give model:")
     _validate_section(spec.data, "data")
     _validate_section(spec.train, "train")
     _validate_section(spec.ifd, "ifd")

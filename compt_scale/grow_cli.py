@@ -20,7 +20,12 @@ def register(subparsers) -> None:
     p.add_argument("--from", dest="src", required=True, help="HF model dir, or open_clip checkpoint")
     p.add_argument("--from-config", dest="src_config", default=None,
                    help="open_clip model config of SRC (default: open_clip_config.json next to it)")
-    p.add_argument("--to", dest="target", required=True, help="config.json, model dir, preset name, or open_clip config")
+    p.add_argument("--to", dest="target", default=None,
+                   help="config.json, model dir, preset name, or open_clip config (or give factors below)")
+    p.add_argument("--width-factor", default=None, help="HF decoders: target = source widened by this (e.g. 2x)")
+    p.add_argument("--depth-factor", default=None, help="HF decoders: target = source deepened by this (e.g. 2x)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="HF decoders: explicit target config field (repeatable), e.g. --set hidden_size=4096")
     p.add_argument("--width", choices=WIDTH_OPS, default="insert")
     p.add_argument("--depth", choices=DEPTH_OPS, default="duplicate")
     p.add_argument("--out", required=True, help="output dir (must not exist or be empty)")
@@ -45,6 +50,13 @@ def run(args) -> int:
     src = Path(args.src)
     if not src.exists():
         raise CompTError(f"--from: {src} does not exist")
+    derived = args.width_factor is not None or args.depth_factor is not None or args.overrides
+    if derived and args.target is not None:
+        raise CompTError("--to: give either a target config or --width-factor/--depth-factor/--set, not both")
+    if not derived and args.target is None:
+        raise CompTError("--to: missing (a target config, or --width-factor/--depth-factor/--set)")
+    if derived and not _is_hf_dir(src):
+        raise CompTError("--width-factor/--depth-factor/--set: only for HF decoder sources")
     if _is_hf_dir(src):
         report = _grow_hf(src, args)
     else:
@@ -66,6 +78,12 @@ def _grow_hf(src: Path, args) -> dict:
         src_cfg = AutoConfig.from_pretrained(src, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:  # unparsable JSON, an unknown or missing model_type
         raise CompTError(f"--from {src / 'config.json'}: {str(e).strip().splitlines()[0]}") from None
+    from .grow.targets import derive_config
+    if args.target is None:
+        grow_to = {"width": args.width_factor or 1, "depth": args.depth_factor or 1,
+                   **parse_overrides(args.overrides)}
+        tgt_cfg = derive_config(src_cfg, grow_to, args.depth)
+        return grow_hf_checkpoint(src, tgt_cfg, args.out, args.width, args.depth, args.seed, args.noise_snr)
     t = Path(args.target)
     if t.suffix == ".json" or t.is_dir():
         raw = t / "config.json" if t.is_dir() else t
@@ -75,6 +93,27 @@ def _grow_hf(src: Path, args) -> dict:
     else:   # a preset: its vocab is a placeholder for the tokenizer's, i.e. the source's
         tgt_cfg = load_config(args.target, vocab_size=src_cfg.vocab_size)
     return grow_hf_checkpoint(src, tgt_cfg, args.out, args.width, args.depth, args.seed, args.noise_snr)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['hidden_size=4096', 'rope_theta=5e5'] -> {field: YAML-typed value}."""
+    import yaml
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise CompTError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            value = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise CompTError(f"--set {item!r}: unreadable value") from None
+        if isinstance(value, str):   # YAML 1.1 reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        out[k.strip()] = value
+    return out
 
 
 def _grow_clip(src: Path, args) -> dict:

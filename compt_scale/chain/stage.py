@@ -209,6 +209,8 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
                 teacher = FrozenTeacher(family, teacher_model, dtype, device())
         n_params = sum(p.numel() for p in student.parameters())
         ds_config = build_ds_config(n_params, train, world)
+    if train.activation_checkpointing:
+        family.enable_activation_checkpointing(student)
     preemption.check_startup("model build and growth")
     check_free_space(stage_dir, n_params, keep=KEEP_CHECKPOINTS)
     if growth_report is not None and rank == 0:

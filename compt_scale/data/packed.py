@@ -12,6 +12,7 @@ the data, and the sampler below maps (step, rank) to sample indices with no stat
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -56,16 +57,27 @@ def _train_sentencepiece(texts, vocab_size: int, work: Path):
     return tok
 
 
-def _tokenize_to(ds, tok, path: Path, dtype) -> int:
+def default_num_proc() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def _tokenize_to(ds, tok, path: Path, dtype, num_proc: int = 1) -> int:
+    """Tokenize every document (in `num_proc` processes via datasets.map; order is kept), append
+    EOS to each, and write the flat token stream. Returns the token count."""
     eos = tok.eos_token_id
+
+    def encode(batch):
+        return {"ids": [ids + [eos] for ids in tok(batch["text"], add_special_tokens=False)["input_ids"]]}
+
+    procs = num_proc if num_proc > 1 and len(ds) >= 2 * num_proc else None
+    enc = ds.map(encode, batched=True, batch_size=256, num_proc=procs, remove_columns=ds.column_names,
+                 load_from_cache_file=False, desc=None)
     n = 0
     with open(path, "wb") as f:
-        for start in range(0, len(ds), 256):
-            batch = ds[start:start + 256]["text"]
-            for ids in tok(batch, add_special_tokens=False)["input_ids"]:
-                arr = np.asarray(ids + [eos], dtype=dtype)
-                f.write(arr.tobytes())
-                n += arr.size
+        for batch in enc.iter(batch_size=1024):
+            arr = np.fromiter(itertools.chain.from_iterable(batch["ids"]), dtype=dtype)
+            f.write(arr.tobytes())
+            n += arr.size
     return n
 
 
@@ -99,7 +111,8 @@ def prepare_data(data, out: Path) -> Path:
         tok.save_pretrained(str(tmp / "tokenizer"))
         vocab = len(tok)
         dtype = np.uint16 if vocab <= 65535 else np.uint32
-        counts = {s: _tokenize_to(d, tok, tmp / f"{s}.bin", dtype) for s, d in (("train", train), ("val", val))}
+        procs = data.num_proc or default_num_proc()
+        counts = {s: _tokenize_to(d, tok, tmp / f"{s}.bin", dtype, procs) for s, d in (("train", train), ("val", val))}
         for s, c in counts.items():
             if c < 2 * (data.seq_len + 1):
                 raise CompTError(f"data: the {s} split has only {c} tokens, fewer than two sequences of "
@@ -107,28 +120,52 @@ def prepare_data(data, out: Path) -> Path:
         for junk in ("sp", "hf-cache", "corpus.train.jsonl", "corpus.val.jsonl", "spm.model", "spm.vocab"):
             p = tmp / junk
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        return {"vocab_size": vocab, "dtype": np.dtype(dtype).name, "seq_len": data.seq_len, "tokens": counts}
+        return {"vocab_size": vocab, "dtype": np.dtype(dtype).name, "seq_len": data.seq_len, "tokens": counts,
+                "eos_id": tok.eos_token_id}
 
     return build_once(Path(out), key, build)
 
 
-class PackedTokens:
-    """Fixed-length samples over a memory-mapped token stream."""
+def doc_positions(inputs: np.ndarray, eos: int) -> np.ndarray:
+    """Position ids [B, T] that restart at 0 after each EOS (the token after it starts a document)."""
+    B, T = inputs.shape
+    start = np.zeros((B, T), dtype=bool)
+    start[:, 0] = True
+    start[:, 1:] = inputs[:, :-1] == eos
+    idx = np.broadcast_to(np.arange(T), (B, T))
+    return idx - np.maximum.accumulate(np.where(start, idx, 0), axis=1)
 
-    def __init__(self, data_dir: Path, split: str, seq_len: int):
+
+class PackedTokens:
+    """Fixed-length samples over a memory-mapped token stream.
+
+    With `doc_positions`, a batch is (inputs, labels, position_ids): positions restart after each EOS,
+    which the family turns into attention that does not cross documents.
+    """
+
+    def __init__(self, data_dir: Path, split: str, seq_len: int, doc_positions: bool = False):
         meta = json.loads((Path(data_dir) / "meta.json").read_text())
         self.tokens = np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
         self.seq_len = seq_len
         self.num_samples = (len(self.tokens) - 1) // seq_len
+        self.eos = None
+        if doc_positions:
+            self.eos = meta.get("eos_id")
+            if self.eos is None:   # data prepared before meta.json recorded it
+                from transformers import AutoTokenizer
+                self.eos = AutoTokenizer.from_pretrained(str(Path(data_dir) / "tokenizer")).eos_token_id
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def batch(self, indices, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, indices, step: int | None = None) -> tuple[torch.Tensor, ...]:
         L = self.seq_len
         rows = np.stack([np.asarray(self.tokens[i * L: i * L + L + 1], dtype=np.int64) for i in indices])
         t = torch.from_numpy(rows)
-        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        inputs, labels = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        if self.eos is None:
+            return inputs, labels
+        return inputs, labels, torch.from_numpy(doc_positions(rows[:, :-1], self.eos))
 
 
 def sample_indices(num_samples: int, seed: int, step: int, micro: int, grad_accum: int,

@@ -43,7 +43,8 @@ class Family:
     tokens_per_sample: Callable[[Any], int]
     stage_macs: Callable[[Config, Config | None, Any, int], dict]   # one optimizer step
     flops_per_token: Callable[[Config, Any], float]           # model FLOPs per budget unit (MFU)
-    # ---- speedups
+    # ---- memory and speedups
+    enable_activation_checkpointing: Callable[[Any], None]    # non-reentrant, works under ZeRO-3
     liger_supported: Callable[[Config], bool]                 # liger-kernel has patches for it
     apply_liger: Callable[[Any], None]
     validate_chain: Callable[[Any], None]                     # config-level checks, one-line errors

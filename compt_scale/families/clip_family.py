@@ -153,6 +153,11 @@ def evaluate(model, spec, data_dir: Path, val_loss: float) -> dict:
     return clip_evaluate(model, data_dir, _embed, next(model.parameters()).device)
 
 
+def enable_activation_checkpointing(model) -> None:
+    """`train.activation_checkpointing`: open_clip's own (non-reentrant) per-block checkpointing."""
+    model.set_grad_checkpointing(True)
+
+
 def probe(model, batch) -> torch.Tensor:
     """Image and text embeddings on a fixed batch, concatenated: tests compare the export with them."""
     img, txt, _ = _embed(model, batch)
@@ -307,4 +312,5 @@ FAMILY = Family(
     config_of=config_of, load_export=load_export, export=export, feature_dims=feature_dims,
     losses=losses, features=features, probe=probe, ifd_heads=ifd_heads, evaluate=evaluate, prepare=prepare, dataset=dataset,
     tokens_per_sample=tokens_per_sample, stage_macs=stage_macs, validate_chain=validate_chain,
-    flops_per_token=flops_per_token, liger_supported=liger_supported, apply_liger=apply_liger)
+    flops_per_token=flops_per_token, liger_supported=liger_supported, apply_liger=apply_liger,
+    enable_activation_checkpointing=enable_activation_checkpointing)

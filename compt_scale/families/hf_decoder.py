@@ -47,6 +47,15 @@ def load_config(model: str, vocab_size: int | None = None, **overrides) -> Pretr
         raise CompTError(f"{path}: {msg}") from None
 
 
+def stage_config(spec, stage, **kw) -> PretrainedConfig:
+    """A stage's config: its `model:`, or for `grow_to:` derived from the predecessor's (recursively)."""
+    if not stage.grow_to:
+        return load_config(stage.model, **kw)
+    from ..grow.targets import derive_config
+    base = stage_config(spec, spec.predecessor(stage.name), **kw)
+    return derive_config(base, stage.grow_to, spec.growth_for(stage).depth)
+
+
 def hidden_size(config: PretrainedConfig) -> int:
     return int(config.hidden_size)
 
@@ -74,26 +83,78 @@ def build(config: PretrainedConfig, seed: int) -> torch.nn.Module:
     return model if is_deepspeed_zero3_enabled() else model.float()
 
 
+CE_CHUNK_TOKENS = 2048   # tokens per chunk of the loss: fp32 logits of at most this many are alive
+
+
+def model_inputs(batch) -> dict:
+    """Keyword inputs of an HF decoder for a batch (input_ids, labels[, position_ids]).
+
+    With position ids (packed documents, `data.doc_mask`), positions restart after each EOS and a
+    block-diagonal causal mask [B, 1, T, T] (bool, True = attend) keeps attention inside each
+    document: HF passes a 4D mask to sdpa as is.
+    """
+    if len(batch) < 3:
+        return {"input_ids": batch[0]}
+    pos = batch[2]
+    doc = (pos == 0).cumsum(dim=1)
+    T = pos.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=pos.device).tril()
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal
+    return {"input_ids": batch[0], "position_ids": pos, "attention_mask": mask[:, None]}
+
+
+def _chunk_ce(head, hidden, labels):
+    return torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head, labels: torch.Tensor, chunk: int = CE_CHUNK_TOKENS):
+    """Mean cross-entropy of head(hidden) against labels, computed `chunk` tokens at a time.
+
+    Each chunk's logits are recomputed in backward (non-reentrant checkpoint), so neither the forward
+    nor the autograd graph ever holds the fp32 logits of the whole micro-batch: what is saved is the
+    hidden state (which IFD keeps anyway) and the labels. The head is called as a module, so ZeRO-3
+    gathers its partitioned weight for each chunk as it does for any forward.
+    """
+    from torch.utils.checkpoint import checkpoint
+    h, y = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
+    total = None
+    for s in range(0, y.numel(), chunk):
+        part = checkpoint(_chunk_ce, head, h[s:s + chunk], y[s:s + chunk], use_reentrant=False)
+        total = part if total is None else total + part
+    return total / y.numel()
+
+
+def _plain_head(model) -> bool:
+    """Whether logits are exactly lm_head(final hidden): no softcapping or logit scaling after it."""
+    c = model.config
+    return not any(getattr(c, k, None) not in (None, 1, 1.0) for k in
+                   ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"))
+
+
 def losses(model, batch):
     """(task loss, [final hidden state [B, T, d]]) in one forward pass.
 
-    `batch` is (input_ids, labels) with labels already shifted (next-token targets), so the loss is
-    computed here rather than by HF's internal shift, which would drop the last position of every
-    packed sequence.
+    `batch` is (input_ids, labels[, position_ids]) with labels already shifted (next-token targets),
+    so the loss is computed here rather than by HF's internal shift, which would drop the last
+    position of every packed sequence. The base model gives the final hidden state (IFD's feature);
+    the LM head and the loss run chunk by chunk on it (chunked_cross_entropy).
     """
-    input_ids, labels = batch
+    labels = batch[1]
     if getattr(model, LIGER_ATTR, False):
         # liger's fused linear cross-entropy: the [B*T, vocab] logits are never materialized. The
         # final hidden state is the same tensor out.hidden_states[-1] would be (post final norm).
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        h = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        h = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
         loss = LigerFusedLinearCrossEntropyLoss()(model.get_output_embeddings().weight,
                                                   h.reshape(-1, h.size(-1)), labels.reshape(-1))
         return loss, [h]
-    out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
-    logits = out.logits
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
-    return loss, [out.hidden_states[-1]]
+    if not _plain_head(model):
+        out = model(**model_inputs(batch), output_hidden_states=True, use_cache=False)
+        logits = out.logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
+        return loss, [out.hidden_states[-1]]
+    hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
+    return chunked_cross_entropy(hidden, model.get_output_embeddings(), labels), [hidden]
 
 
 def flops_per_token(config, spec) -> float:
@@ -125,7 +186,17 @@ def apply_liger(model) -> None:
 
 def features(model, batch):
     """The teacher's side: the same final hidden state, without the LM head."""
-    return [model.base_model(input_ids=batch[0], use_cache=False).last_hidden_state]
+    return [model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state]
+
+
+def enable_activation_checkpointing(model) -> None:
+    """`train.activation_checkpointing`: recompute each decoder layer in backward (non-reentrant,
+    which works under ZeRO-3 and with inputs that need no grad)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.2x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def feature_dims(config) -> list[int]:
@@ -153,7 +224,7 @@ def plan_config(spec, stage) -> PretrainedConfig:
     """The stage's config before any data exists (the planner's view), with the vocabulary the
     prepared data will have (an init: model's padded vocab is kept along the chain)."""
     from ..data.packed import planned_vocab_size
-    return load_config(stage.model, vocab_size=init_vocab(spec) or planned_vocab_size(spec.data))
+    return stage_config(spec, stage, vocab_size=init_vocab(spec) or planned_vocab_size(spec.data))
 
 
 def model_config(spec, stage, data_dir: Path) -> PretrainedConfig:
@@ -164,14 +235,14 @@ def model_config(spec, stage, data_dir: Path) -> PretrainedConfig:
     tok = AutoTokenizer.from_pretrained(str(data_dir / "tokenizer"))
     padded = init_vocab(spec)
     vocab = padded if padded is not None and padded >= meta["vocab_size"] else meta["vocab_size"]
-    return load_config(stage.model, vocab_size=vocab, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return stage_config(spec, stage, vocab_size=vocab, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 def dataset(spec, data_dir: Path, split: str):
     """Samples addressed by index: `.batch(indices)` -> (input_ids, labels)."""
     from ..data.packed import PackedTokens
-    return PackedTokens(data_dir, split, spec.data.seq_len)
+    return PackedTokens(data_dir, split, spec.data.seq_len, doc_positions=spec.data.doc_mask)
 
 
 def tokens_per_sample(spec) -> int:
@@ -214,7 +285,7 @@ def evaluate(model, spec, data_dir, val_loss: float) -> dict:
 
 def probe(model, batch) -> torch.Tensor:
     """Logits on a fixed batch: tests compare the export against the trained engine with them."""
-    return model(input_ids=batch[0]).logits.float()
+    return model(input_ids=batch[0]).logits.float()   # plain inputs: what a user of the export runs
 
 
 def validate_chain(spec) -> None:
@@ -238,8 +309,9 @@ def validate_chain(spec) -> None:
     for i, stage in enumerate(spec.stages):
         where = f"stages[{i}].model"
         try:
-            cfg = load_config(stage.model)
+            cfg = stage_config(spec, stage)
         except CompTError as e:
+            where = f"stages[{i}].grow_to" if stage.grow_to else where
             raise CompTError(f"{where}: {e}") from None
         _check_limits(cfg, spec.data.seq_len, where)
         if stage.model.endswith(".json") and getattr(cfg, "vocab_size", None) not in (None, vocab) \
@@ -293,4 +365,5 @@ FAMILY = Family(
     config_of=config_of, load_export=load_export, export=export, feature_dims=feature_dims,
     losses=losses, features=features, probe=probe, ifd_heads=ifd_heads, evaluate=evaluate, prepare=prepare, dataset=dataset,
     tokens_per_sample=tokens_per_sample, stage_macs=stage_macs, validate_chain=validate_chain,
-    flops_per_token=flops_per_token, liger_supported=liger_supported, apply_liger=apply_liger)
+    flops_per_token=flops_per_token, liger_supported=liger_supported, apply_liger=apply_liger,
+    enable_activation_checkpointing=enable_activation_checkpointing)
