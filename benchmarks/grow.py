@@ -69,6 +69,7 @@ def run_stream(src: Path, tgt_kw: dict, out: Path) -> dict:
 def run_naive(src: Path, tgt_kw: dict, out: Path) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
     from compt_scale.grow import grow_into_model
     t = time.perf_counter()
     s = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
@@ -83,6 +84,7 @@ def run_naive(src: Path, tgt_kw: dict, out: Path) -> dict:
 def child(mode: str, src: str, size: str, out: str) -> None:
     import torch  # noqa: F401  (imports first: the baseline is what both ways pay anyway)
     import transformers.models.llama.modeling_llama  # noqa: F401
+
     import compt_scale.grow  # noqa: F401
     base = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
     fn = run_stream if mode == "stream" else run_naive

@@ -16,6 +16,7 @@ import yaml
 
 from .errors import CompTError
 from .grow.ops import DEPTH_OPS, WIDTH_OPS
+
 # A Hugging Face tokenizer directory holds at least one of these (fast, slow SentencePiece, BPE).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
 # The spec name goes into job names and file names: identifier-like, never a newline or a quote.

@@ -170,7 +170,7 @@ def report_table(out_dir) -> str:
     header, body = _rows_with_extra(recs)
     rows = [header] + body
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     t = _totals(recs)
@@ -202,7 +202,7 @@ def _plot(recs: list[dict], out_dir: Path) -> dict[str, Path]:
                         if m.get("final") and m.get(ykey) is not None and m.get("macs") is not None]
             if not pts:
                 continue
-            xs, ys = zip(*sorted(dict(pts).items()))  # one point per x: the final line wins over an eval
+            xs, ys = zip(*sorted(dict(pts).items()), strict=True)  # one point per x: the final line wins over an eval
             style = "-" if r["kind"] == "chain" else "--"
             ax.plot(xs, ys, style, marker="o" if key == "val" else None, markersize=3,
                     label=f"{r['name']} ({r['kind']})")
@@ -223,7 +223,7 @@ def _plot(recs: list[dict], out_dir: Path) -> dict[str, Path]:
     names = [r["name"] for r in recs]
     teacher = [r.get("teacher_macs") or 0 for r in recs]
     train = [r["train_macs"] if r.get("train_macs") is not None else max((r.get("macs") or 0) - t, 0)
-             for r, t in zip(recs, teacher)]
+             for r, t in zip(recs, teacher, strict=True)]
     colors = ["tab:blue" if r["kind"] == "chain" else "tab:grey" for r in recs]
     ax.bar(names, train, color=colors, label="student training (fwd + bwd + update)")
     ax.bar(names, teacher, bottom=train, color="tab:orange", label="teacher forwards (IFD)")

@@ -22,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from compt_scale.train.distributed import free_port
 
 CPUS = 2  # the node line says CPUs=2: one 2-rank job, or two 1-rank jobs, at a time

@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_DATA, TINY_TRAIN, run_cli, write_spec
 
 from compt_scale.config import parse_chain
 from compt_scale.errors import CompTError
 from compt_scale.families import clip_family
 from compt_scale.kernels import IFDProjection
 from compt_scale.train.objective import StudentWithIFD, UnitIFDProjection, alpha_at
+from conftest import TINY_DATA, TINY_TRAIN, run_cli, write_spec
 
 
 def _lines(stage_dir):

@@ -33,7 +33,7 @@ def decode(tokens) -> str:
 
 
 def nearest_color(rgb) -> str:
-    return min(COLORS, key=lambda c: sum((int(a) - b) ** 2 for a, b in zip(rgb, COLORS[c])))
+    return min(COLORS, key=lambda c: sum((int(a) - b) ** 2 for a, b in zip(rgb, COLORS[c], strict=True)))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_captions_describe_the_pixels(shapes_dir):
         assert text.replace(" ,", ",") == captions[i]
         objects = OBJECT.findall(text)
         assert 1 <= len(objects) <= 3 and len(objects) == text.count(" a ") + 1
-        for size, color, shape, where in objects:
+        for _size, color, _shape, where in objects:
             row, col = cell_of_phrase(where)
             # The caption's grid cell centre is a pixel of the shape it names, in the named colour.
             y, x = int((row + 0.5) * 64 / 3), int((col + 0.5) * 64 / 3)
@@ -148,7 +148,7 @@ def test_presets_grow_and_step_2x_to_4x():
     from compt_scale.grow import check_growable
     cfgs = [fam.load_config(n) for n in ("clip-xs", "clip-s", "clip-m")]
     params = [fam.param_count(c) for c in cfgs]
-    for a, b, pa, pb in zip(cfgs, cfgs[1:], params, params[1:]):
+    for a, b, pa, pb in zip(cfgs, cfgs[1:], params, params[1:], strict=False):
         check_growable(a, b, "insert", "duplicate")
         assert 2 <= pb / pa <= 4
     spec = parse_chain(_spec())

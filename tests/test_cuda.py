@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+
 from conftest import run_cli, write_spec
 
 pytestmark = [pytest.mark.cuda,

@@ -12,9 +12,9 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, run_cli, write_spec
 
 from compt_scale.chain.manifest import Manifest
+from conftest import REPO, run_cli, write_spec
 
 pytestmark = pytest.mark.slow
 

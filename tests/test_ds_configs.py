@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,8 +12,8 @@ import pytest
 
 from compt_scale.config import TrainSpec
 from compt_scale.errors import CompTError
-from compt_scale.train.ds_config import PRESET_DIR, build_ds_config, pick_preset
 from compt_scale.train.distributed import free_port
+from compt_scale.train.ds_config import PRESET_DIR, build_ds_config, pick_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ of a small Llama and GPT-2 (fp32, eager attention):
 """
 import pytest
 import torch
+from test_grow_preserve import ARCHS, build, make_config, randomize_norms
 
 from compt_scale.grow import grow_state
-from test_grow_preserve import ARCHS, build, make_config, randomize_norms
 
 ARCH_NAMES = ("llama", "gpt2")
 LAYERS = {"llama": "num_hidden_layers", "gpt2": "n_layer"}

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compt_scale.grow import grow_state
 from compt_scale.families.clip import build as build_clip
+from compt_scale.grow import grow_state
 
 COMMON = {"vocab_size": 64, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
 

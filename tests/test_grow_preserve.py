@@ -47,7 +47,7 @@ def randomize_norms(model, seed):
     """Fresh norms are ones/zeros; random ones make the check see norm placement errors."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 

@@ -10,8 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compt_scale.errors import CompTError
-from compt_scale.grow import SafetensorsReader, grow_hf_checkpoint, grow_state
-from compt_scale.grow import stream
+from compt_scale.grow import SafetensorsReader, grow_hf_checkpoint, grow_state, stream
 
 COMMON = {"vocab_size": 64, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
 SRC = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2,

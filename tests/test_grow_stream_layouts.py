@@ -3,11 +3,11 @@
 streaming path is function-preserving for clone + zero through the real HF forward."""
 import pytest
 import torch
+from test_grow_preserve import ARCHS, build, make_config, randomize_norms
 from transformers import AutoModelForCausalLM
 
 from compt_scale.grow import SafetensorsReader, grow_hf_checkpoint, grow_state, stream
 from compt_scale.grow.layouts import get_layout
-from test_grow_preserve import ARCHS, build, make_config, randomize_norms
 
 # GPT-NeoX with full and partial rotary (rotary_pct < 1 is in ARCHS already).
 CASES = {**ARCHS, "gpt_neox_full_rotary": ({**ARCHS["gpt_neox"][0], "rotary_pct": 1.0, "hidden_size": 48},

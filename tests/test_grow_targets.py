@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
-from conftest import write_spec
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from compt_scale.cli import main
 from compt_scale.chain.resolve import load_resolved as load_chain
+from compt_scale.cli import main
 from compt_scale.errors import CompTError
 from compt_scale.grow import grow_state
 from compt_scale.grow.targets import derive_config, derive_target
+from conftest import write_spec
 
 
 def _sizes(cfg, keys):

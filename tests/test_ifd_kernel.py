@@ -41,7 +41,7 @@ def test_reference_equals_mse_loss_value_and_grads(bias):
     ref = 0.3 * F.mse_loss(F.linear(s, w, b), t.detach())
     want = torch.autograd.grad(ref, params)
     torch.testing.assert_close(loss, ref)
-    for a, e in zip(got, want):
+    for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e)
     loss = fused_ifd_loss(s, t, w, b)
     loss.backward()

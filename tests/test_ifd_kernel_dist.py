@@ -10,7 +10,6 @@ ranks (what DDP/DeepSpeed do) equals the unsharded gradient; with "sum" the SUM 
 """
 import copy
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+
 from compt_scale.train.distributed import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
@@ -61,6 +61,7 @@ def _grads(loss, *params):
 def _worker(rank, outdir):
     import deepspeed
     import torch.distributed as dist
+
     from compt_scale.kernels import fused_ifd_loss
     deepspeed.init_distributed(dist_backend="gloo")
     d, rows, res = _data(), _rows(rank), {}
@@ -144,7 +145,7 @@ def test_two_gloo_ranks_group_and_zero3(tmp_path):
             empty, full_shape, local_numel = z["partitioned"]
             assert empty and full_shape == (D_T, D_S) and local_numel < D_T * D_S  # really partitioned
             torch.testing.assert_close(z["loss"], z["ref_loss"], **close)
-            for g, rg in zip(z["grads"], z["ref_grads"]):
+            for g, rg in zip(z["grads"], z["ref_grads"], strict=True):
                 torch.testing.assert_close(g, rg, **close)
             torch.testing.assert_close(z["w_after"], z["w_expect"], **close)
     for r in res:

@@ -24,8 +24,10 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from compt_scale.kernels import fused_ifd_loss  # noqa: E402
-from compt_scale.kernels import triton_ifd  # noqa: E402
+from compt_scale.kernels import (
+    fused_ifd_loss,  # noqa: E402
+    triton_ifd,  # noqa: E402
+)
 
 TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-5, 1e-2), torch.float16: (1e-5, 2e-3)}
 
@@ -129,7 +131,7 @@ def test_deterministic_bitwise(small_blocks):
         loss = fused_ifd_loss(s_, t, w_, b_, 0.5, impl="triton")
         loss.backward()
         outs.append((loss, s_.grad, w_.grad, b_.grad))
-    for a, b2 in zip(*outs):
+    for a, b2 in zip(*outs, strict=True):
         assert torch.equal(a, b2)
 
 

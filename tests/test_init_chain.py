@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_TRAIN, run_cli
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
@@ -24,6 +23,7 @@ from transformers import (
 )
 
 from compt_scale.data.packed import PackedTokens, sample_indices
+from conftest import TINY_TRAIN, run_cli
 
 TEXT = Path(json.__file__).read_text() + Path(yaml.__file__).read_text()
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}   # train-mode loss = eval loss

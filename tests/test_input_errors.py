@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY_DATA, TINY_TRAIN
 
 from compt_scale.errors import CompTError
+from conftest import REPO, TINY_DATA, TINY_TRAIN
 
 PRESETS = REPO / "compt_scale" / "resources" / "models" / "hf_decoder"
 

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli, write_spec
 
 from compt_scale.chain.manifest import Manifest
 from compt_scale.errors import EXIT_PREEMPTED
 from compt_scale.launch.torchrun import _children
+from conftest import REPO, run_cli, write_spec
 
 pytestmark = pytest.mark.slow
 

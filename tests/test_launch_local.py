@@ -10,13 +10,11 @@ import time
 
 import pytest
 
-from conftest import REPO
-from slurm_cluster import PREEMPT_STEPS, last_step, read_metrics, train_losses
-
 # The cluster and the preemption reference are session fixtures: registered once as a plugin (not
 # imported per module, which would start one per module).
-
 from compt_scale.chain.manifest import Manifest
+from conftest import REPO
+from slurm_cluster import PREEMPT_STEPS, last_step, read_metrics, train_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 

@@ -3,7 +3,6 @@ fake 3-node allocation (real scontrol and our fallback expander), the torchrun w
 forwarding and exit codes (real torchrun, dummy workers), the manifest helper, CLI errors."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,14 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, run_cli, write_spec
-
 # The cluster and the preemption reference are session fixtures: registered once as a plugin (not
 # imported per module, which would start one per module).
-
 from compt_scale.chain.manifest import Manifest
 from compt_scale.launch.hostlist import expand
 from compt_scale.launch.torchrun import PREEMPTED, exit_code_of
+from conftest import REPO, run_cli, write_spec
 
 # Every test runs the CLI or bash scripts in subprocesses (the `scripts` fixture alone takes ~30 s).
 pytestmark = [pytest.mark.slow]

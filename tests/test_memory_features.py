@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli, write_spec
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compt_scale.config import TextDataSpec
 from compt_scale.data.packed import PackedTokens, doc_positions, prepare_data
 from compt_scale.families import hf_decoder
+from conftest import run_cli, write_spec
 
 EOS = 2
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import run_cli, write_spec
-from slurm_cluster import last_step, read_metrics, train_losses
 
 from compt_scale.chain.manifest import Manifest
+from conftest import run_cli, write_spec
+from slurm_cluster import last_step, read_metrics, train_losses
 
 pytest_plugins = ["slurm_cluster"]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
-from conftest import run_cli, write_spec
 
 from compt_scale.config import parse_chain
 from compt_scale.errors import CompTError
 from compt_scale.families import get_family
 from compt_scale.train.objective import FrozenTeacher
 from compt_scale.train.speedups import liger_wanted
+from conftest import run_cli, write_spec
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 

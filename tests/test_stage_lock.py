@@ -11,11 +11,11 @@ import time
 
 import pytest
 import yaml
-from conftest import TINY_DATA, TINY_TRAIN, run_cli
 
 from compt_scale.chain import lock
 from compt_scale.config import load_chain
 from compt_scale.errors import CompTError
+from conftest import TINY_DATA, TINY_TRAIN, run_cli
 
 
 def write_lock(stage_dir, **holder):

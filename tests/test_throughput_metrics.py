@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_cli, write_spec
 
 from compt_scale.families import get_family
 from compt_scale.train.metrics import mfu, peak_flops
+from conftest import run_cli, write_spec
 
 # The 374M Llama of shared/gpu/README.md, with its measured peer figure (77.6K tokens/s = 22.3% MFU
 # on an H100 SXM, 989 TFLOP/s dense bf16).

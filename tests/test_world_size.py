@@ -7,9 +7,9 @@ import os
 import subprocess
 
 import pytest
-from conftest import REPO, run_cli, write_spec
 
 from compt_scale.chain.runner import stage_command
+from conftest import REPO, run_cli, write_spec
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

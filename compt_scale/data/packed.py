@@ -25,7 +25,6 @@ from ..errors import CompTError
 from ..files import build_once
 from .corpus import load_splits
 
-
 TEXT_KEYS = ("corpus", "paths", "text_field", "tokenizer", "vocab_size", "seq_len", "val_fraction", "max_chars")
 
 

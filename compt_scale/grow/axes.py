@@ -69,7 +69,7 @@ def factor_sizes(spec: TensorSpec, sizes: dict[str, int], shape: tuple[int, ...]
     if len(shape) != len(spec.dims):
         raise CompTError(f"{key}: layout has {len(spec.dims)} dims, tensor has shape {list(shape)}")
     out = []
-    for (role, fs), n in zip(spec.dims, shape):
+    for (_role, fs), n in zip(spec.dims, shape, strict=True):
         known = [int(f) if f.isdigit() else (None if f == "_" else sizes[f]) for f in fs]
         rest = math.prod(k for k in known if k is not None)
         known = [n // rest if k is None else k for k in known]
@@ -89,7 +89,7 @@ def dim_map(factors, src_sizes, tgt_sizes, width: str):
     idx = torch.zeros(1, dtype=torch.long)
     ok = torch.ones(1, dtype=torch.bool)
     copies = 1
-    for f, s, t in zip(factors, src_sizes, tgt_sizes):
+    for f, s, t in zip(factors, src_sizes, tgt_sizes, strict=True):
         ar = torch.arange(t)
         if width == "clone" and not _fixed(f) and kind(f) in CLONED_KINDS and t != s:
             sub, sub_ok = ar // (t // s), torch.ones(t, dtype=torch.bool)
@@ -157,7 +157,8 @@ def place(out: torch.Tensor, src: Source, spec: TensorSpec, src_fs, tgt_fs, widt
         return {"copies": 1}
     if width == "interpolate":
         return _interpolate(out, src, spec, src_fs, tgt_fs)
-    maps, copies = zip(*(dim_map(fs, s, t, width) for (_, fs), s, t in zip(spec.dims, src_fs, tgt_fs)))
+    maps, copies = zip(*(dim_map(fs, s, t, width) for (_, fs), s, t in zip(spec.dims, src_fs, tgt_fs, strict=True)),
+                       strict=True)
     div_dims = [d for d, (role, _) in enumerate(spec.dims) if role == "i" and copies[d] > 1]
     scale = 1.0 / math.prod(copies[d] for d in div_dims) if div_dims else 1.0
     sigma = _noise_sigma(src, scale, noise_snr) if (noise_snr and div_dims) else 0.0

@@ -182,8 +182,8 @@ def grow_tensor(step: Step, src: Source | None, out: torch.Tensor, layout: Layou
     s_sizes, t_sizes = layout.sizes(src_config), layout.sizes(tgt_config)
     src_fs = factor_sizes(step.spec, s_sizes, src.shape, f"source {step.src_key}")
     tgt_fs = factor_sizes(step.spec, t_sizes, tuple(out.shape), f"target {step.key}")
-    for (_, fs), a, b in zip(step.spec.dims, src_fs, tgt_fs):
-        for f, x, y in zip(fs, a, b):
+    for (_, fs), a, b in zip(step.spec.dims, src_fs, tgt_fs, strict=True):
+        for f, x, y in zip(fs, a, b, strict=True):
             if f == "_" and x != y:
                 raise CompTError(f"{step.key}: fixed size changes {x} -> {y} (patch/grid/context size must match)")
     info = place(out, src, step.spec, src_fs, tgt_fs, width, noise_snr if width == "clone" else None, generator)

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from ..errors import EXIT_PREEMPTED as PREEMPTED
+
 _USR1_BIT = 1 << (signal.SIGUSR1 - 1)
 
 

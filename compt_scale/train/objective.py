@@ -28,7 +28,7 @@ class StudentWithIFD(nn.Module):
         if self.ifd is None or teacher_features is None:
             return task, torch.zeros((), device=task.device)
         # Each T runs inside its own module's forward so ZeRO-3 gathers its weight for the kernel.
-        terms = [head(f_s, f_t, alpha=alpha) for head, f_s, f_t in zip(self.ifd, features, teacher_features)]
+        terms = [head(f_s, f_t, alpha=alpha) for head, f_s, f_t in zip(self.ifd, features, teacher_features, strict=True)]
         return task, sum(terms) / len(terms)
 
 
