@@ -13,9 +13,9 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import run_cli, write_spec
+from ifd_oracle import oracle, rel
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -25,17 +25,6 @@ TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-5, 1e-2), torch.float16:
 SHAPES = [(37, 19, 11), (1000, 333, 77), (4099, 1024, 512), (8191, 520, 264)]
 
 
-def _oracle(s, t, w, b, alpha):
-    s64 = s.double().requires_grad_()
-    w64 = w.to(s.dtype).double().requires_grad_()
-    b64 = b.double().requires_grad_() if b is not None else None
-    loss = alpha * F.mse_loss(F.linear(s64, w64, b64), t.double())
-    loss.backward()
-    return loss.detach(), s64.grad, w64.grad, (b64.grad if b is not None else None)
-
-
-def _rel(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -52,15 +41,15 @@ def test_triton_ifd_kernel_matches_float64(dtype, n, d_s, d_t, mode, bias):
     alpha = 0.7
     loss = fused_ifd_loss(s, t, w, b, alpha, impl="triton", triton_mode=mode)
     loss.backward()
-    ref, gs, gw, gb = _oracle(s.detach(), t, w.detach(), b.detach() if bias else None, alpha)
+    ref, gs, gw, gb = oracle(s.detach(), t, w.detach(), b.detach() if bias else None, alpha)
     vtol, gtol = TOL[dtype]
     assert loss.dtype == torch.float32
     assert abs(loss.item() - ref.item()) <= vtol * abs(ref.item())
     assert s.grad.dtype == dtype and w.grad.dtype == torch.float32
-    assert _rel(s.grad, gs) < gtol
-    assert _rel(w.grad, gw) < gtol
+    assert rel(s.grad, gs) < gtol
+    assert rel(w.grad, gw) < gtol
     if bias:
-        assert _rel(b.grad, gb) < gtol
+        assert rel(b.grad, gb) < gtol
 
 
 def test_two_stage_bf16_chain_on_one_gpu_and_exports_load(tmp_path, tiny_data):

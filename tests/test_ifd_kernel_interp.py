@@ -22,12 +22,12 @@ if os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from compt_scale.kernels import (
     fused_ifd_loss,  # noqa: E402
     triton_ifd,  # noqa: E402
 )
+from ifd_oracle import oracle, rel  # noqa: E402
 
 TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-5, 1e-2), torch.float16: (1e-5, 2e-3)}
 
@@ -51,19 +51,6 @@ def _inputs(n, d_s, d_t, dtype, bias, gen):
     return s, t, w, b
 
 
-def _oracle(s, t, w, b, alpha):
-    """fp64 value and grads; w rounded to the compute dtype first, b not (the defined semantics)."""
-    dt = s.dtype
-    s64 = s.double().requires_grad_()
-    w64 = w.to(dt).double().requires_grad_()
-    b64 = b.double().requires_grad_() if b is not None else None
-    loss = alpha * F.mse_loss(F.linear(s64, w64, b64), t.double())
-    loss.backward()
-    return loss.detach(), s64.grad, w64.grad, (b64.grad if b is not None else None)
-
-
-def _rel(x, ref):
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def _check(s, t, w, b, alpha, dtype, mode="recompute"):
@@ -73,15 +60,15 @@ def _check(s, t, w, b, alpha, dtype, mode="recompute"):
     t_ = t.clone().requires_grad_()  # must still get no gradient
     loss = fused_ifd_loss(s_, t_, w_, b_, alpha, impl="triton", triton_mode=mode)
     loss.backward()
-    ref, gs, gw, gb = _oracle(s, t, w, b, alpha)
+    ref, gs, gw, gb = oracle(s, t, w, b, alpha)
     vtol, gtol = TOL[dtype]
     assert loss.dtype == torch.float32
     assert abs(loss.item() - ref.item()) <= vtol * abs(ref.item())
     assert s_.grad.dtype == dtype and w_.grad.dtype == torch.float32
-    assert _rel(s_.grad, gs) < gtol
-    assert _rel(w_.grad, gw) < gtol
+    assert rel(s_.grad, gs) < gtol
+    assert rel(w_.grad, gw) < gtol
     if b is not None:
-        assert _rel(b_.grad, gb) < gtol
+        assert rel(b_.grad, gb) < gtol
     assert t_.grad is None
 
 

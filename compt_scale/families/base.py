@@ -1,5 +1,5 @@
 """The family contract: everything the chain runner, planner and report need from a model family,
-as one typed object. A family module builds one `Family` from its functions (`FAMILY = Family(...)`);
+as one typed object. A family module builds one `Family` from its functions (`Family.from_module`);
 nothing outside a family branches on which family it is. tests/test_family_contract.py runs every
 registered family through this contract.
 """
@@ -48,6 +48,16 @@ class Family:
     liger_supported: Callable[[Config], bool]                 # liger-kernel has patches for it
     apply_liger: Callable[[Any], None]
     validate_chain: Callable[[Any], None]                     # config-level checks, one-line errors
+
+    @classmethod
+    def from_module(cls, module, **values) -> Family:
+        """The family whose fields are the module's attributes of the same names (a family module
+        ends with `FAMILY = Family.from_module(sys.modules[__name__], name=..., budget_unit=...)`)."""
+        names = [f.name for f in fields(cls) if f.name not in values]
+        missing = [n for n in names if not hasattr(module, n)]
+        if missing:
+            raise TypeError(f"family module {module.__name__} lacks {', '.join(missing)}")
+        return cls(**values, **{n: getattr(module, n) for n in names})
 
     def __post_init__(self):
         for f in fields(self):

@@ -7,6 +7,7 @@ features are (final hidden state per token), and which chain specs are impossibl
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -358,12 +359,4 @@ def _check_limits(cfg: PretrainedConfig, seq_len: int, where: str) -> None:
                              "(learned position embeddings)")
 
 
-FAMILY = Family(
-    name="hf_decoder", budget_unit="tokens", partitioned_io=partitioned_io,
-    preset_names=preset_names, load_config=load_config,
-    plan_config=plan_config, model_config=model_config, param_count=param_count, build=build,
-    config_of=config_of, load_export=load_export, export=export, feature_dims=feature_dims,
-    losses=losses, features=features, probe=probe, ifd_heads=ifd_heads, evaluate=evaluate, prepare=prepare, dataset=dataset,
-    tokens_per_sample=tokens_per_sample, stage_macs=stage_macs, validate_chain=validate_chain,
-    flops_per_token=flops_per_token, liger_supported=liger_supported, apply_liger=apply_liger,
-    enable_activation_checkpointing=enable_activation_checkpointing)
+FAMILY = Family.from_module(sys.modules[__name__], name="hf_decoder", budget_unit="tokens")
