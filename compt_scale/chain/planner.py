@@ -194,13 +194,14 @@ def plan_rows(spec, world: int | None = None) -> list[dict]:
         acc += cost["macs"]
         ratio = params / prev_params if prev_params else None
         warnings = []
-        if i == 0 and (w := rule1_warning(spec.family, st.tokens, params)):
+        used_as_is = st.tokens == 0   # an init: model: neither trained nor sized by this chain
+        if i == 0 and not used_as_is and (w := rule1_warning(spec.family, st.tokens, params)):
             warnings.append(w)
         if ratio is not None and not 2.0 <= ratio <= 4.0:
             warnings.append(f"expansion ratio {ratio:.2f}x from {spec.stages[i - 1].name!r} is outside the paper's "
                             f"2x-4x (rule 2)")
         steps = steps_for(spec, st, st.tokens, world)
-        if steps <= spec.train_for(st).warmup_steps:
+        if not used_as_is and steps <= spec.train_for(st).warmup_steps:
             warnings.append(f"{steps} steps do not get past warmup ({spec.train_for(st).warmup_steps} steps)")
         rows.append(dict(kind="chain", name=st.name, model=st.model, params=params, ratio=ratio,
                          tokens=st.tokens, steps=steps, **cost, accumulated_macs=acc, warnings=warnings,
