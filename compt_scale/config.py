@@ -79,6 +79,7 @@ class TrainSpec:
     ds_config: str | None = None       # explicit DeepSpeed JSON (overrides the preset)
     precision: str = "fp32"            # fp32 | bf16
     activation_checkpointing: bool = False  # recompute each layer in backward (non-reentrant)
+    gpu_mem: str | None = None         # e.g. "80GB": what zero_stage auto fits into (default: the device's)
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 100
@@ -285,6 +286,12 @@ def _validate_section(obj, where: str) -> None:
             raise CompTError(f"{where}.min_lr_ratio: must be in [0, 1]")
         if obj.zero_stage != "auto" and obj.zero_stage not in (0, 1, 2, 3):
             raise CompTError(f"{where}.zero_stage: must be 0, 1, 2, 3 or 'auto', got {obj.zero_stage!r}")
+        if obj.gpu_mem is not None:
+            from .train.memory import parse_bytes
+            try:
+                parse_bytes(obj.gpu_mem)
+            except ValueError as e:
+                raise CompTError(f"{where}.gpu_mem: {e}") from None
         if obj.precision not in ("fp32", "bf16"):
             raise CompTError(f"{where}.precision: must be fp32 or bf16, got {obj.precision!r}")
         if isinstance(obj.liger, bool):  # YAML 1.1 reads a bare on/off as true/false

@@ -13,6 +13,10 @@ def register(subparsers) -> None:
     p.add_argument("spec", metavar="CHAIN.yaml")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks per stage the steps are counted for (default: the spec's nproc)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="also print each stage's per-GPU memory and the ZeRO preset `auto` picks on this many GPUs")
+    p.add_argument("--gpu-mem", default="80GB", help="memory of one GPU, with --gpus (default 80GB)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="with --gpus (default: min(gpus, 8))")
     p.set_defaults(func=_plan)
 
     p = subparsers.add_parser("macs", help="params and forward/training MACs per token or sample of a model")
@@ -34,7 +38,18 @@ def _plan(args) -> int:
     from .chain.resolve import load_resolved
     if args.nproc is not None and args.nproc < 1:
         raise CompTError(f"--nproc must be >= 1, got {args.nproc}")
-    print(format_plan(load_resolved(args.spec), args.nproc))
+    spec = load_resolved(args.spec)
+    print(format_plan(spec, args.nproc))
+    if args.gpus is not None:
+        from .chain.memory_plan import format_memory
+        from .train.memory import parse_bytes
+        if args.gpus < 1 or (args.gpus_per_node is not None and args.gpus_per_node < 1):
+            raise CompTError(f"--gpus/--gpus-per-node must be >= 1, got {args.gpus}/{args.gpus_per_node}")
+        try:
+            gpu_mem = parse_bytes(args.gpu_mem)
+        except ValueError as e:
+            raise CompTError(f"--gpu-mem: {e}") from None
+        print(format_memory(spec, args.gpus, gpu_mem, args.gpus_per_node))
     return 0
 
 

@@ -18,12 +18,14 @@ from compt_scale.train.ds_config import PRESET_DIR, build_ds_config, pick_preset
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_size_rule_and_forced_stage():
+def test_memory_rule_without_a_model_shape_and_forced_stage():
+    # Without a model shape: one 80 GiB GPU's model states alone (mixed-precision Adam, by hand:
+    # ZeRO-1 22 B/param, ZeRO-2 20, ZeRO-3 18 + the largest layer, offload: the largest layer only).
     assert pick_preset(10_000) == "zero1-small"
-    assert pick_preset(999_999_999) == "zero1-small"
-    assert pick_preset(1_000_000_000) == "zero2-medium"
-    assert pick_preset(13_000_000_000) == "zero3-large"
-    assert pick_preset(70_000_000_000) == "zero3-offload-xl"
+    assert pick_preset(3_000_000_000) == "zero1-small"       # 66e9 B <= 0.9 x 80 GiB = 77.3e9
+    assert pick_preset(3_600_000_000) == "zero2-medium"      # 79.2e9 > 77.3e9 >= 72e9
+    assert pick_preset(4_100_000_000) == "zero3-large"       # ZeRO-2 82e9 too much, ZeRO-3 73.8e9 fits
+    assert pick_preset(13_000_000_000) == "zero3-offload-xl"
     assert pick_preset(70_000_000_000, 1) == "zero1-small"   # forced stage wins over size
     assert pick_preset(10, 3) == "zero3-large"
     with pytest.raises(CompTError):
@@ -42,7 +44,8 @@ def test_every_preset_is_auto_only_where_spec_fills():
 
 
 def test_fill_from_trainspec():
-    t = TrainSpec(micro_batch_size=3, grad_accum=5, lr=3e-4, weight_decay=0.05, grad_clip=0.5, precision="bf16")
+    t = TrainSpec(micro_batch_size=3, grad_accum=5, lr=3e-4, weight_decay=0.05, grad_clip=0.5, precision="bf16",
+                  zero_stage=2)
     cfg = build_ds_config(2_000_000_000, t, world_size=16, cuda=True)
     assert cfg["zero_optimization"]["stage"] == 2
     assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"],
@@ -130,12 +133,12 @@ def test_deepspeed_initialize_accepts_presets_on_cpu(tmp_path):
     """A real 1-rank gloo engine per preset: ZeRO 0/1/2/3/3+offload, fp32 and bf16, each takes steps."""
     cases = [
         {"n": 1_000, "train": {}},                        # zero1-small
-        {"n": 2_000_000_000, "train": {}},                # zero2-medium
-        {"n": 10_000_000_000, "train": {}},               # zero3-large
+        {"n": 3_600_000_000, "train": {}},                # zero2-medium (memory rule, one 80 GiB GPU)
+        {"n": 4_100_000_000, "train": {}},                # zero3-large
         {"n": 100_000_000_000, "train": {}},              # zero3-offload-xl
         {"n": 1_000, "train": {"zero_stage": 0}},
         {"n": 1_000, "train": {"precision": "bf16"}},
-        {"n": 10_000_000_000, "train": {"precision": "bf16"}},
+        {"n": 4_100_000_000, "train": {"precision": "bf16"}},
     ]
     script = tmp_path / "engine.py"
     script.write_text(ENGINE_SCRIPT)

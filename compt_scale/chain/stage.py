@@ -54,6 +54,16 @@ def _loading(name: str, export: Path, load, what: str = "predecessor export"):
         raise CompTError(f"stage {name}: cannot load {what} {export}: {str(e).splitlines()[0]}") from None
 
 
+def memory_needs(family, spec, train, cfg, teacher_cfg, n_params: int, world: int) -> list:
+    """Per-GPU need of each preset (train/memory.py), from which `zero_stage: auto` picks."""
+    from ..train import memory
+    towers, largest = family.memory_shape(cfg, spec)
+    acts = memory.activations(towers, train.micro_batch_size, train.activation_checkpointing)
+    t_params = family.param_count(teacher_cfg) if teacher_cfg is not None else 0
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return memory.needs(n_params, largest, world, per_node, acts, t_params)
+
+
 def _drop_startup_leftovers(stage_dir: Path) -> None:
     """A stage that failed before training started leaves no directory behind (the manifest holds
     the error): a half-made stage dir would only confuse the next run."""
@@ -182,7 +192,8 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
             for k, v in plan(t_cfg, cfg, [], width, depth)[1]["config_changes"].items():
                 setattr(cfg, k, v)
         n_params = family.param_count(cfg)
-        ds_config = build_ds_config(n_params, train, world)
+        candidates = memory_needs(family, spec, train, cfg, t_cfg if export else None, n_params, world)
+        ds_config = build_ds_config(n_params, train, world, candidates=candidates)
         if train.ds_config is None:
             ds_config = weights.fit_zero3_buckets(ds_config, max(family.feature_dims(cfg)))
         student = weights.build_student(family, cfg, seed, ds_config)
@@ -208,7 +219,8 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
             if ifd.enabled:
                 teacher = FrozenTeacher(family, teacher_model, dtype, device())
         n_params = sum(p.numel() for p in student.parameters())
-        ds_config = build_ds_config(n_params, train, world)
+        candidates = memory_needs(family, spec, train, cfg, t_cfg if export else None, n_params, world)
+        ds_config = build_ds_config(n_params, train, world, candidates=candidates)
     if train.activation_checkpointing:
         family.enable_activation_checkpointing(student)
     preemption.check_startup("model build and growth")
@@ -221,7 +233,7 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     macs = family.stage_macs(cfg, teacher.config if teacher else None, spec, samples_per_step)
     if rank == 0:
         print(f"[{name}] {n_params / 1e6:.2f}M params, {steps} steps x {samples_per_step} samples, "
-              f"{describe(n_params, train)}, teacher: {pred.name if pred else 'none'}", flush=True)
+              f"{describe(n_params, train, candidates)}, teacher: {pred.name if pred else 'none'}", flush=True)
     loop_cfg = LoopConfig(stage=name, seed=spec.seed, steps=steps, family=family, spec=spec,
                           tokens_per_sample=family.tokens_per_sample(spec), macs_per_step=macs["macs"],
                           train=train, ifd=ifd, ds_config=ds_config, stage_dir=stage_dir, data_dir=data_dir,

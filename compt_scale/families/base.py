@@ -43,6 +43,7 @@ class Family:
     tokens_per_sample: Callable[[Any], int]
     stage_macs: Callable[[Config, Config | None, Any, int], dict]   # one optimizer step
     flops_per_token: Callable[[Config, Any], float]           # model FLOPs per budget unit (MFU)
+    memory_shape: Callable[[Config, Any], tuple]              # ([(tokens, hidden, heads, layers)], largest param)
     # ---- memory and speedups
     enable_activation_checkpointing: Callable[[Any], None]    # non-reentrant, works under ZeRO-3
     liger_supported: Callable[[Config], bool]                 # liger-kernel has patches for it

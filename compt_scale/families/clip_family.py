@@ -165,6 +165,18 @@ def probe(model, batch) -> torch.Tensor:
     return torch.cat([img.float(), txt[:, 0].float()], dim=-1)
 
 
+def memory_shape(cfg: dict, spec) -> tuple[list[tuple[int, int, int, int]], int]:
+    """For train/memory.py: both towers as (tokens per sample, width, heads, layers), the text tower
+    once per caption of a sample (LaCLIP), and the largest parameter (the token embedding, usually)."""
+    v, t = _vision(cfg), _text(cfg)
+    patches = (v["image_size"] // v["patch_size"]) ** 2 + 1
+    m = spec.data.captions_per_image
+    towers = [(patches, v["width"], v["width"] // v["head_width"], v["layers"])] + \
+        [(t["context_length"], t["width"], t["heads"], t["layers"])] * m
+    largest = max(t["vocab_size"] * t["width"], int(v["width"] * v["mlp_ratio"]) * v["width"])
+    return towers, largest
+
+
 def flops_per_token(cfg: dict, spec) -> float:
     """Model FLOPs per image-caption pair (the MFU numerator; a CLIP "token" is a pair): 2 FLOPs per
     MAC x 3 (forward + backward) x the forward MACs, as the decoders' 6 N convention."""

@@ -158,6 +158,15 @@ def losses(model, batch):
     return chunked_cross_entropy(hidden, model.get_output_embeddings(), labels), [hidden]
 
 
+def memory_shape(config, spec) -> tuple[list[tuple[int, int, int, int]], int]:
+    """For train/memory.py: the transformer stacks (tokens per sample, hidden, heads, layers) and the
+    largest parameter (the vocab x hidden embedding or LM head, or an MLP matrix if larger)."""
+    h = hidden_size(config)
+    ffn = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * h)
+    return ([(spec.data.seq_len, h, num_heads(config), int(config.num_hidden_layers))],
+            max(int(config.vocab_size) * h, ffn * h))
+
+
 def flops_per_token(config, spec) -> float:
     """Model FLOPs per trained token, the MFU convention of shared/gpu/README.md:
     6 N (forward + backward over every parameter) + 12 n_layers d_model seq (attention, not halved)."""

@@ -1,17 +1,15 @@
-"""DeepSpeed config for one stage: a preset from `ds_configs/` picked by model size, "auto" values
+"""DeepSpeed config for one stage: a preset from `ds_configs/` picked by memory need, "auto" values
 filled from the chain spec's TrainSpec.
 
-Rule used when `train.zero_stage` is "auto" (parameter count of the *student* of the stage):
-
-    n_params <  1e9   -> zero1-small.json       (ZeRO-1: optimizer states sharded)
-    n_params <  7e9   -> zero2-medium.json      (ZeRO-2: + gradients sharded)
-    n_params < 30e9   -> zero3-large.json       (ZeRO-3: + parameters sharded)
-    otherwise         -> zero3-offload-xl.json  (ZeRO-3 + optimizer and parameters offloaded to CPU)
-
-Tiny CPU test models fall in the first bucket: ZeRO-1 is cheap on one rank and still exercises the
-sharded-optimizer checkpoint layout that the bigger presets use, so there is no separate ZeRO-0 bucket.
+Rule used when `train.zero_stage` is "auto": bytes per GPU, not parameter count (train/memory.py).
+The presets are tried in order zero1-small (ZeRO-1: optimizer states sharded), zero2-medium (+ gradients
+sharded), zero3-large (+ parameters sharded), zero3-offload-xl (+ optimizer and parameters offloaded
+to CPU); the first whose estimated need (model states by DeepSpeed's estimators + teacher +
+activations) fits 90% of `train.gpu_mem` (default: the device's memory, 80 GiB without one) is taken.
+So a 70B student on 32 A100-80GB gets ZeRO-3 without offload; tiny CPU test models get ZeRO-1, which
+still exercises the sharded-optimizer checkpoint layout the bigger presets use.
 A numeric `zero_stage` forces that stage (0 and 1 use zero1-small with the stage set, 2 zero2-medium,
-3 zero3-large; offload is only chosen by size or by an explicit `ds_config`). An explicit
+3 zero3-large; offload is only chosen by memory or by an explicit `ds_config`). An explicit
 `train.ds_config` file replaces the preset; a numeric `zero_stage` still overrides its stage.
 
 The TrainSpec is the single source of truth for what it holds (batch sizes, lr, weight decay, clip,
@@ -37,13 +35,6 @@ from ..resources import DS_CONFIGS, resource
 # Shipped with the package (the repository's ds_configs/ links here); COMPT_DS_CONFIGS points elsewhere.
 PRESET_DIR = Path(os.environ.get("COMPT_DS_CONFIGS") or resource(DS_CONFIGS))
 
-# (upper bound on parameter count, preset); the last bound is infinite.
-SIZE_RULE = [
-    (1_000_000_000, "zero1-small"),
-    (7_000_000_000, "zero2-medium"),
-    (30_000_000_000, "zero3-large"),
-    (float("inf"), "zero3-offload-xl"),
-]
 STAGE_PRESET = {0: "zero1-small", 1: "zero1-small", 2: "zero2-medium", 3: "zero3-large"}
 
 BETAS = [0.9, 0.95]
@@ -59,16 +50,19 @@ _ZERO_AUTO_DROPPABLE = {
 }
 
 
-def pick_preset(n_params: int, zero_stage: int | str = "auto") -> str:
-    """Name of the ds_configs preset (without .json) for a model of n_params parameters."""
+def pick_preset(n_params: int, zero_stage: int | str = "auto", candidates=None, gpu_mem: int | None = None) -> str:
+    """Name of the ds_configs preset (without .json) for a student of n_params parameters: a forced
+    `zero_stage`, else the first preset whose per-GPU memory need fits (train/memory.py). Without
+    `candidates` (the caller knows nothing of the model's shape or the world) the need is one GPU's
+    model states alone."""
+    from . import memory
     if zero_stage != "auto":
         if zero_stage not in STAGE_PRESET:
             raise CompTError(f"train.zero_stage: must be 0, 1, 2, 3 or 'auto', got {zero_stage!r}")
         return STAGE_PRESET[zero_stage]
-    for bound, name in SIZE_RULE:
-        if n_params < bound:
-            return name
-    raise AssertionError("unreachable: last bound is infinite")
+    if candidates is None:
+        candidates = memory.needs(n_params, 0, world=1, gpus_per_node=1, activation_bytes=0)
+    return memory.choose(candidates, gpu_mem or memory.DEFAULT_GPU_MEM).preset
 
 
 def load_preset(name: str) -> dict:
@@ -106,7 +100,7 @@ def _find_auto(obj: Any, path: str = "") -> list[str]:
     return [path] if obj == "auto" else []
 
 
-def build_ds_config(n_params: int, train, world_size: int, cuda: bool | None = None) -> dict:
+def build_ds_config(n_params: int, train, world_size: int, cuda: bool | None = None, candidates=None) -> dict:
     """The DeepSpeed config dict for a stage whose student has n_params parameters.
 
     `train` is a compt_scale.config.TrainSpec. `cuda` says whether ranks run on GPUs (default: ask
@@ -119,7 +113,7 @@ def build_ds_config(n_params: int, train, world_size: int, cuda: bool | None = N
         import torch
         cuda = torch.cuda.is_available()
     cfg = copy.deepcopy(_load_json(train.ds_config) if train.ds_config
-                        else load_preset(pick_preset(n_params, train.zero_stage)))
+                        else load_preset(pick_preset(n_params, train.zero_stage, candidates, _gpu_mem(train))))
 
     # Batch geometry: train_batch_size = micro * accum * world, as DeepSpeed checks.
     mb, ga = train.micro_batch_size, train.grad_accum
@@ -176,11 +170,18 @@ def build_ds_config(n_params: int, train, world_size: int, cuda: bool | None = N
     return cfg
 
 
-def describe(n_params: int, train) -> str:
+def _gpu_mem(train) -> int:
+    from .memory import gpu_memory
+    return gpu_memory(train.gpu_mem)
+
+
+def describe(n_params: int, train, candidates=None) -> str:
     """One line for logs: which preset/stage a stage uses and why."""
     if train.ds_config:
         return f"ds_config {train.ds_config}" + (f" (zero_stage {train.zero_stage} forced)"
                                                  if train.zero_stage != "auto" else "")
-    name = pick_preset(n_params, train.zero_stage)
-    why = "forced by train.zero_stage" if train.zero_stage != "auto" else f"{n_params / 1e6:.1f}M params"
-    return f"ds preset {name} ({why})"
+    name = pick_preset(n_params, train.zero_stage, candidates, _gpu_mem(train))
+    if train.zero_stage != "auto":
+        return f"ds preset {name} (forced by train.zero_stage)"
+    need = next((c for c in candidates or [] if c.preset == name), None)
+    return f"ds preset {name} ({need.total / 2**30:.1f} GiB per GPU estimated)" if need else f"ds preset {name}"
