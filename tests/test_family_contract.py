@@ -68,6 +68,11 @@ def test_family_contract(name, tmp_path):
     task.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
+    # The memory planner's view of the model: its largest parameter is the built module's.
+    towers, largest = fam.memory_shape(small, spec)
+    assert largest == max(p.numel() for p in model.parameters())
+    assert towers and all(len(t) == 4 and min(t) > 0 for t in towers)
+
     macs = fam.stage_macs(large, small, spec, 8)
     assert macs["macs"] == macs["train_macs"] + macs["teacher_macs"] > 0
     assert fam.stage_macs(large, None, spec, 8)["teacher_macs"] == 0
