@@ -81,7 +81,7 @@ class TrainSpec:
     activation_checkpointing: bool = False  # recompute each layer in backward (non-reentrant)
     gpu_mem: str | None = None         # e.g. "80GB": what zero_stage auto fits into (default: the device's)
     eval_every: int = 50
-    eval_batches: int = 8
+    eval_batches: int = 8              # validation: this many global batches, the same samples on any world size
     save_every: int = 100
     log_every: int = 10
     export_shard_bytes: int = 5 * 2**30   # max safetensors shard of a stage's export (HF's default)

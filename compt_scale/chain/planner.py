@@ -24,23 +24,24 @@ def _config(spec, stage):
     return cache[stage.model]
 
 
-def samples_per_step(spec, stage, world: int | None = None) -> int:
+def samples_per_step(spec, stage, world: int | None = None, train=None) -> int:
     """Samples in one optimizer step of `stage` on `world` ranks (default: the spec's nproc). The
-    stage runner counts its steps with this same function."""
-    t = spec.train_for(stage)
+    stage runner counts its steps with this same function; `train` overrides the spec's TrainSpec
+    (a resume on another world size re-splits grad_accum)."""
+    t = train or spec.train_for(stage)
     return t.micro_batch_size * t.grad_accum * (spec.nproc if world is None else world)
 
 
-def tokens_per_step(spec, stage, world: int | None = None) -> int:
+def tokens_per_step(spec, stage, world: int | None = None, train=None) -> int:
     """Budget units (decoders: tokens; CLIP: image-caption pairs) consumed by one optimizer step."""
-    return samples_per_step(spec, stage, world) * get_family(spec.family).tokens_per_sample(spec)
+    return samples_per_step(spec, stage, world, train) * get_family(spec.family).tokens_per_sample(spec)
 
 
-def steps_for(spec, stage, tokens: int, world: int | None = None) -> int:
+def steps_for(spec, stage, tokens: int, world: int | None = None, train=None) -> int:
     """Optimizer steps that cover `tokens` (at least one); 0 for an `init:` model used as-is."""
     if tokens == 0:
         return 0
-    return max(1, math.ceil(tokens / tokens_per_step(spec, stage, world)))
+    return max(1, math.ceil(tokens / tokens_per_step(spec, stage, world, train)))
 
 
 def stage_cost(spec, stage, tokens: int, teacher=None, world: int | None = None) -> dict:

@@ -156,13 +156,38 @@ def _drop_partial_checkpoint(ckpt_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _universal_tag(ckpt_dir, tag, saved, world, train, ds_config, rank, name) -> str | None:
+    """A checkpoint from another world size or ZeRO stage: converted (rank 0) to DeepSpeed's
+    universal format, which the engine is then told to load. None: load as it is."""
+    from ..train.distributed import all_reduce_flags
+    from ..train.world_size_resume import convert_to_universal, describe, needs_universal, universal_tag
+    if saved is None or not needs_universal(saved, world, ds_config["zero_optimization"]["stage"]):
+        return None
+    error = None
+    if rank == 0:
+        print(f"[{name}] {describe(ckpt_dir / tag, saved, world, train)}; converting it to a universal "
+              f"checkpoint", flush=True)
+        try:
+            convert_to_universal(ckpt_dir, tag, ckpt_dir.parent / "universal_conversion.log")
+        except CompTError as e:
+            error = e
+    (failed,) = all_reduce_flags(error is not None)   # also the barrier: every rank waits for the files
+    if error is not None:
+        raise error
+    if failed:
+        raise SystemExit(EXIT_BAD_INPUT)
+    ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    return universal_tag(tag)
+
+
 def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     from ..grow import grow_state
     from ..grow.registry import plan
-    from ..train.checkpoint import gather_student_state
+    from ..train.checkpoint import candidates, gather_student_state
     from ..train.ds_config import build_ds_config, describe
     from ..train.loop import LoopConfig, train_stage
     from ..train.objective import FrozenTeacher, StudentWithIFD
+    from ..train.world_size_resume import read_geometry, resplit
     from . import weights
 
     stage = spec.stage(name)
@@ -180,7 +205,12 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     seed = spec.seed + 1000 * (spec.index(name) + 1)
     pred, export = predecessor_export(spec, name, out)
     teacher, heads, t_cfg, growth_report = None, None, None, None
-    steps = steps_for(spec, stage, stage.tokens, world)
+    # Resuming on another world size keeps the checkpoint's global batch: grad_accum is re-split.
+    ckpt_dir = stage_dir / "checkpoints"
+    resume_tag = (candidates(ckpt_dir) or [None])[0] if resume else None
+    saved = read_geometry(ckpt_dir / resume_tag, train) if resume_tag else None
+    train = resplit(saved, world, train, ckpt_dir / str(resume_tag))
+    steps = steps_for(spec, stage, stage.tokens, world, train)
     if family.partitioned_io:
         # Built partitioned under ZeRO-3, then filled one parameter at a time from safetensors.
         source = export or (Path(stage.init) if stage.init else None)
@@ -229,7 +259,8 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
         (stage_dir / "growth.json").write_text(json.dumps(growth_report, indent=2, default=str))
     if teacher is not None:
         heads = family.ifd_heads(cfg, t_cfg, ifd)
-    samples_per_step = samples_per_step_of(spec, stage, world)
+    universal = _universal_tag(ckpt_dir, resume_tag, saved, world, train, ds_config, rank, name)
+    samples_per_step = samples_per_step_of(spec, stage, world, train)
     macs = family.stage_macs(cfg, teacher.config if teacher else None, spec, samples_per_step)
     if rank == 0:
         print(f"[{name}] {n_params / 1e6:.2f}M params, {steps} steps x {samples_per_step} samples, "
@@ -237,7 +268,7 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     loop_cfg = LoopConfig(stage=name, seed=spec.seed, steps=steps, family=family, spec=spec,
                           tokens_per_sample=family.tokens_per_sample(spec), macs_per_step=macs["macs"],
                           train=train, ifd=ifd, ds_config=ds_config, stage_dir=stage_dir, data_dir=data_dir,
-                          resume=resume)
+                          resume=resume, universal_tag=universal)
     result = train_stage(StudentWithIFD(family, student, heads), teacher, loop_cfg)
     engine = result.pop("engine")
     weights.record_memory(stage_dir, rank, "trained")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ..errors import CompTError
 from ..files import atomic_write_text
+from .world_size_resume import drop_universal, optimizer_shards, write_geometry
 
 KEEP_CHECKPOINTS = 2
 
@@ -50,16 +51,19 @@ def read_latest(ckpt_dir: Path) -> str | None:
     return tag if tag in _tags(ckpt_dir) else None
 
 
-def save(engine, ckpt_dir: Path, step: int, loop_state: dict, keep: int = KEEP_CHECKPOINTS) -> None:
+def save(engine, ckpt_dir: Path, step: int, loop_state: dict, geometry: dict, keep: int = KEEP_CHECKPOINTS) -> None:
+    """`geometry`: world, train (TrainSpec), zero_stage; recorded so another world size can resume."""
     tag = f"global_step{step}"
     # `latest` is ours to write: DeepSpeed would rewrite it in place, before every rank has finished.
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": loop_state, "rng": rng_state()},
                            save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
+        write_geometry(Path(ckpt_dir) / tag, **geometry)
         atomic_write_text(Path(ckpt_dir) / "latest", tag)
         for old in _tags(ckpt_dir)[:-keep]:
             shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
+        drop_universal(ckpt_dir)
     dist.barrier()
 
 
@@ -76,35 +80,47 @@ def _load_tag(engine, ckpt_dir: Path, tag: str) -> dict:
 
 
 def _check_world_size(tag_dir: Path) -> None:
-    """ZeRO partitions optimizer states per rank: a checkpoint of N ranks loads only on N ranks."""
-    saved = len(list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")))
-    world = dist.get_world_size()
+    """ZeRO partitions optimizer states per rank: a regular checkpoint of N ranks loads only on N ranks
+    (the stage converts one of another world size to a universal checkpoint first)."""
+    saved, world = optimizer_shards(tag_dir), dist.get_world_size()
     if saved and saved != world:
-        raise CompTError(f"checkpoint {tag_dir} was written by {saved} ranks (ZeRO-partitioned); resume it on "
-                         f"{saved} ranks: resuming on {world} needs a universal checkpoint, not supported yet")
+        raise CompTError(f"checkpoint {tag_dir} was written by {saved} ranks (ZeRO-partitioned) and cannot "
+                         f"be loaded as it is on {world}")
 
 
-def load(engine, ckpt_dir: Path) -> dict | None:
+def candidates(ckpt_dir: Path) -> list[str]:
+    """Tags to resume from, best first: `latest`, then the kept checkpoints newest first, never one
+    newer than `latest` (a newer dir is a save that did not finish on every rank)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "latest").exists():
+        return []  # no save ever finished (a dir here is a first save cut short): start afresh
+    latest = read_latest(ckpt_dir)
+    order = ([latest] if latest else []) + [t for t in reversed(_tags(ckpt_dir)) if t != latest]
+    if latest:
+        order = [t for t in order if int(t.removeprefix("global_step")) <= int(latest.removeprefix("global_step"))]
+    return order
+
+
+def load(engine, ckpt_dir: Path, universal: str | None = None) -> dict | None:
     """Load the newest good checkpoint into the engine; returns the loop state, or None if there is none.
 
     `latest` first; if it is missing, empty or names a checkpoint that does not load, the kept
-    checkpoints newest first, saying so on stderr (one line).
+    checkpoints newest first, saying so on stderr (one line). `universal`: load that converted
+    checkpoint instead (resuming on another world size; the engine was built with load_universal).
     """
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "latest").exists():
-        return None  # no save ever finished (a dir here is a first save cut short): start afresh
-    tags = _tags(ckpt_dir)
-    latest = read_latest(ckpt_dir)
-    order = ([latest] if latest else []) + [t for t in reversed(tags) if t != latest]
-    # Never newer than `latest`: a newer dir is a save that did not finish on every rank.
-    if latest:
-        order = [t for t in order if int(t.removeprefix("global_step")) <= int(latest.removeprefix("global_step"))]
+    if universal is not None:
+        client = _load_tag(engine, ckpt_dir, universal)
+        set_rng_state(client["rng"])
+        return client["loop"]
+    order = candidates(ckpt_dir)
     if not order:
         return None
-    _check_world_size(ckpt_dir / order[0])
+    latest = read_latest(ckpt_dir)
     errors = []
     for tag in order:
         try:
+            _check_world_size(ckpt_dir / tag)
             client = _load_tag(engine, ckpt_dir, tag)
         except CompTError as e:
             errors.append(str(e))

@@ -40,6 +40,7 @@ class LoopConfig:
     stage_dir: Path
     data_dir: Path
     resume: bool = False
+    universal_tag: str | None = None   # resume from this converted checkpoint (another world size)
 
 
 def lr_lambda(train, steps: int):
@@ -63,18 +64,19 @@ def to_device(batch) -> tuple:
 
 
 def evaluate(module, val, cfg: LoopConfig) -> float:
+    """Mean task loss over the first `eval_batches` global batches of the validation set: the same
+    samples on any number of ranks (a resume on another world size keeps the global batch)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    mb = cfg.train.micro_batch_size
+    mb, micro_steps = cfg.train.micro_batch_size, cfg.train.eval_batches * cfg.train.grad_accum
     total = torch.zeros((), dtype=torch.float64, device=device())
     module.eval()
     with torch.no_grad():
-        for b in range(cfg.train.eval_batches):
-            # A fixed slice of the validation set, split over ranks: the same number every eval.
+        for b in range(micro_steps):
             idx = [(b * world * mb + rank * mb + j) % len(val) for j in range(mb)]
             task, _ = module(to_device(val.batch(idx)))
             total += task.detach().double()  # summed on the device: one read-back per eval
     module.train()
-    return all_reduce_mean(total.item() / cfg.train.eval_batches)
+    return all_reduce_mean(total.item() / micro_steps)
 
 
 def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None, cfg: LoopConfig) -> dict:
@@ -95,7 +97,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, cfg.steps)),
         config=cfg.ds_config)
 
-    loop = checkpoint.load(engine, ckpt_dir) if cfg.resume else None
+    loop = checkpoint.load(engine, ckpt_dir, cfg.universal_tag) if cfg.resume else None
     if loop is None:
         alpha = 0.0
         if teacher is not None and cfg.ifd.enabled:
@@ -120,6 +122,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     log = MetricsLog(cfg.stage_dir, resumed_from)
     tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.tokens_per_sample
     start = loop["step"]
+    geometry = {"world": world, "train": t, "zero_stage": cfg.ds_config["zero_optimization"]["stage"]}
     preempted = False
     # MFU counts the student's model FLOPs only (metrics.py); null on CPU and unknown devices.
     flops_per_token, peak = cfg.family.flops_per_token(student_cfg, cfg.spec), peak_flops(device())
@@ -176,7 +179,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
                 log.write(evrec)
             if save_now or st["stop"]:
                 checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha,
-                                                         **(auto.state() if auto is not None else {})})
+                                                         **(auto.state() if auto is not None else {})}, geometry)
             speed.pause(done)  # eval and checkpoints are not training throughput
             if st["stop"]:
                 preempted = True
@@ -190,7 +193,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
                "macs": cfg.steps * cfg.macs_per_step, "val_loss": final_val, **final_metrics})
     log.close()
     if start < cfg.steps:  # a finished run resumed again has nothing new to checkpoint
-        checkpoint.save(engine, ckpt_dir, cfg.steps, {"step": cfg.steps, "alpha": alpha})
+        checkpoint.save(engine, ckpt_dir, cfg.steps, {"step": cfg.steps, "alpha": alpha}, geometry)
     probe = probe_outputs(engine, val_data, cfg.family)
     # The stage exports from the engine (parameter by parameter, or gathered for small families).
     return {"final_val_loss": final_val, "eval": final_metrics, "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,

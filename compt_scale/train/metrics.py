@@ -129,13 +129,16 @@ class StepLosses:
         self.bad_ifd = torch.where(new, self.ifd, self.bad_ifd)
 
     def sync(self, preempt: bool) -> dict:
-        """One all-reduce (MIN over ranks) of [first bad step or inf, -preempt] and one read-back:
-        the earliest non-finite step on any rank (or None), whether any rank was asked to stop, and
-        this rank's losses of the current step and of its first non-finite step."""
+        """Two small all-reduces and one read-back: the earliest non-finite step on any rank (or None),
+        whether any rank was asked to stop, the step's losses averaged over ranks (the loss of the
+        whole global batch, comparable across world sizes), and this rank's first non-finite losses."""
         flags = torch.stack([torch.where(self.bad_step > 0, self.bad_step, float("inf")),
                              torch.full((), -float(preempt), dtype=torch.float64, device=self.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        losses = torch.stack([self.task, self.ifd])
+        dist.all_reduce(losses)
+        losses /= dist.get_world_size()
         bad, stop, task, ifd, bad_task, bad_ifd = torch.cat(
-            [flags, torch.stack([self.task, self.ifd, self.bad_task, self.bad_ifd])]).tolist()
+            [flags, losses, torch.stack([self.bad_task, self.bad_ifd])]).tolist()
         return {"bad_step": None if bad == float("inf") else int(bad), "stop": stop < 0,
                 "task": task, "ifd": ifd, "bad_task": bad_task, "bad_ifd": bad_ifd}
