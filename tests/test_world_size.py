@@ -19,7 +19,10 @@ import numpy as np
 import pytest
 
 from compt_scale.chain.runner import stage_command
+from compt_scale.config import TrainSpec
 from compt_scale.data.packed import sample_indices
+from compt_scale.errors import CompTError
+from compt_scale.train.world_size_resume import SavedGeometry, needs_universal, read_geometry, resplit, write_geometry
 from conftest import REPO, write_spec
 
 STEPS, REWIND = 12, 8
@@ -97,6 +100,30 @@ def test_global_sample_stream_is_independent_of_the_world_size():
             got = sorted(i for m in range(ga) for r in range(world)
                          for i in sample_indices(n, seed, step, m, ga, mb, r, world))
             assert got == sorted(perm[step * G:(step + 1) * G].tolist()), (world, mb, step)
+
+
+def test_geometry_record_and_resplit(tmp_path):
+    train = TrainSpec(micro_batch_size=4, grad_accum=2)
+    write_geometry(tmp_path, 8, train, 3)          # global batch 64
+    saved = read_geometry(tmp_path, train)
+    assert saved == SavedGeometry(8, 4, 2, 3) and saved.global_batch == 64
+    assert resplit(saved, 8, train, tmp_path) is train
+    assert resplit(saved, 4, train, tmp_path).grad_accum == 4
+    assert resplit(saved, 16, train, tmp_path).grad_accum == 1
+    with pytest.raises(CompTError, match="resume on a number of ranks that divides 16"):
+        resplit(saved, 3, train, tmp_path)
+    assert not needs_universal(saved, 8, 3)
+    assert needs_universal(saved, 4, 3) and needs_universal(saved, 8, 2)
+    with pytest.raises(CompTError, match="set train.zero_stage: 3"):
+        needs_universal(saved, 8, 0)
+    # A checkpoint from before run.json: the world its optimizer shards show, the stage unknown.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for r in range(2):
+        (legacy / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    saved = read_geometry(legacy, train)
+    assert saved == SavedGeometry(2, 4, 2, None)
+    assert not needs_universal(saved, 2, 3) and needs_universal(saved, 1, 3)
 
 
 @pytest.mark.dist

@@ -35,7 +35,7 @@ class SavedGeometry:
     world: int
     micro_batch: int
     grad_accum: int
-    zero_stage: int
+    zero_stage: int | None   # None: a checkpoint from before run.json (stage unknown)
 
     @property
     def global_batch(self) -> int:
@@ -60,7 +60,7 @@ def read_geometry(tag_dir: Path, train) -> SavedGeometry | None:
                              int(rec["zero_stage"]))
     except FileNotFoundError:
         shards = optimizer_shards(tag_dir)
-        return SavedGeometry(shards, train.micro_batch_size, train.grad_accum, 1) if shards else None
+        return SavedGeometry(shards, train.micro_batch_size, train.grad_accum, None) if shards else None
     except (OSError, ValueError, KeyError, TypeError):
         return None  # unreadable: the checkpoint's own load will name the problem
 
@@ -81,13 +81,16 @@ def resplit(saved: SavedGeometry | None, world: int, train, tag_dir: Path):
 
 
 def describe(tag_dir: Path, saved: SavedGeometry, world: int, train) -> str:
-    return (f"resuming {tag_dir} (written on {saved.world} ranks, ZeRO-{saved.zero_stage}) on {world}: "
+    zero = "" if saved.zero_stage is None else f", ZeRO-{saved.zero_stage}"
+    return (f"resuming {tag_dir} (written on {saved.world} ranks{zero}) on {world}: "
             f"global batch {saved.global_batch} = micro-batch {train.micro_batch_size} x grad_accum "
             f"{train.grad_accum} x {world} ranks")
 
 
 def needs_universal(saved: SavedGeometry, world: int, zero_stage: int) -> bool:
     """ZeRO-partitioned optimizer state written on other ranks or another stage needs conversion."""
+    if saved.zero_stage is None:
+        return saved.world != world
     if saved.zero_stage == 0 or zero_stage == 0:
         if saved.zero_stage != zero_stage:
             raise CompTError(f"the checkpoint was written with ZeRO stage {saved.zero_stage} and this run uses "
