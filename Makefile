@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) slurm-deps
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # The fast tier (< 2 min): no multi-process, SLURM or slow tests.
 test-fast: $(STAMP)

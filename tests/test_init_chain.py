@@ -69,13 +69,17 @@ def write_chain(tmp_path: Path, init: Path, arch: str, train: dict, tokens: int 
 
 
 def init_loss_on_first_batch(init: Path, data_dir: Path, world: int, mb: int = 2) -> float:
-    """The oracle: plain transformers, the init model, rank 0's batch of step 1."""
+    """The oracle: plain transformers, the init model, step 1's global batch (the logged loss is the
+    mean of the ranks' micro-batch losses)."""
     train = PackedTokens(data_dir, "train", 32)
-    x, y = train.batch(sample_indices(len(train), 0, 0, 0, 1, mb, 0, world))
     model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = model(input_ids=x).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
+    losses = []
+    for rank in range(world):
+        x, y = train.batch(sample_indices(len(train), 0, 0, 0, 1, mb, rank, world))
+        with torch.no_grad():
+            logits = model(input_ids=x).logits
+        losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item())
+    return sum(losses) / world
 
 
 def check_export_matches_engine(stage_dir: Path, data_dir: Path) -> torch.nn.Module:
