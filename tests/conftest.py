@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny prepared corpus per test session, and spec writing helpers."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,3 +58,28 @@ def run_cli(*args, check=True, timeout=600, env=None) -> subprocess.CompletedPro
         raise AssertionError(f"compt-scale {' '.join(map(str, args))} exited {proc.returncode}:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+# ---------------------------------------------------------------- metrics.jsonl readers
+def read_metrics(stage_dir: Path) -> list[dict]:
+    """The stage's metric records; a missing file or a line torn by a kill mid-write is skipped
+    (tests poll this file while the stage writes it)."""
+    try:
+        lines = (Path(stage_dir) / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for ln in lines:
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def train_losses(stage_dir: Path) -> dict:
+    return {r["step"]: (r["loss"], r["lr"]) for r in read_metrics(stage_dir) if "loss" in r}
+
+
+def last_step(stage_dir: Path) -> int:
+    return max((r.get("step", 0) for r in read_metrics(stage_dir)), default=0)

@@ -10,7 +10,6 @@ then `slurm_cluster.env` is the environment for sbatch/scontrol/compt-scale (SLU
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -24,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 
 from compt_scale.train.distributed import free_port
+from conftest import read_metrics, train_losses
 
 CPUS = 2  # the node line says CPUs=2: one 2-rank job, or two 1-rank jobs, at a time
 
@@ -177,21 +177,6 @@ def slurm_cluster():
 
 # ---------------------------------------------------------------- preemption reference run
 PREEMPT_STEPS = 80   # llama-s, 2 ranks: long enough to be signalled mid-run on a busy 2-core box
-
-
-def read_metrics(stage_dir: Path) -> list[dict]:
-    try:
-        return [json.loads(ln) for ln in (Path(stage_dir) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
-
-
-def train_losses(stage_dir: Path) -> dict:
-    return {r["step"]: (r["loss"], r["lr"]) for r in read_metrics(stage_dir) if "loss" in r}
-
-
-def last_step(stage_dir: Path) -> int:
-    return max((r.get("step", 0) for r in read_metrics(stage_dir)), default=0)
 
 
 @pytest.fixture(scope="session")

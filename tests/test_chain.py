@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from compt_scale.chain.planner import plan_rows
 from compt_scale.chain.resolve import load_resolved as load_chain
 from compt_scale.data.packed import PackedTokens
-from conftest import run_cli, write_spec
+from conftest import read_metrics, run_cli, write_spec
 
 pytestmark = [pytest.mark.slow]
 
@@ -27,10 +27,6 @@ def check_export(stage_dir, data_dir, seq_len=32):
     engine_logits = torch.load(stage_dir / "probe_logits.pt")
     torch.testing.assert_close(logits, engine_logits, atol=1e-5, rtol=1e-5)
     return model
-
-
-def metrics(stage_dir):
-    return [json.loads(l) for l in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.dist
@@ -56,10 +52,10 @@ def test_three_stage_chain_zero3_on_two_ranks(tmp_path, tiny_data):
     for name, teacher in (("s", "xs"), ("m", "s")):
         assert manifest[name]["teacher"] == teacher and manifest[name]["teacher_macs"] > 0
         assert manifest[name]["alpha"] > 0
-        train_lines = [r for r in metrics(out / name) if "loss" in r]
+        train_lines = [r for r in read_metrics(out / name) if "loss" in r]
         assert all(r["ifd_loss"] > 0 for r in train_lines)
         assert (out / name / "growth.json").is_file()
-    assert metrics(out / "m")[-1]["final"] is True
+    assert read_metrics(out / "m")[-1]["final"] is True
     assert any((out / "xs" / "tb").iterdir())
     # The chain ends with the report: the terminal table states the manifest's own figures.
     for name in ("xs", "s", "m"):

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from compt_scale.data.image_text import ImageText
-from conftest import run_cli
+from conftest import read_metrics, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
@@ -33,10 +33,6 @@ def write_clip_spec(path: Path, stages, **top) -> Path:
         spec[k] = {**spec[k], **v} if isinstance(v, dict) and isinstance(spec.get(k), dict) else v
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
-
-
-def metrics(stage_dir):
-    return [json.loads(l) for l in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def check_export(stage_dir: Path, data_dir: Path, monkeypatch):
@@ -103,10 +99,10 @@ def test_three_stage_clip_chain_one_rank(one_rank, monkeypatch):
     for name, teacher in (("s", "xs"), ("m", "s")):
         assert manifest[name]["teacher"] == teacher and manifest[name]["teacher_macs"] > 0
         assert manifest[name]["alpha"] > 0 and (out / name / "growth.json").is_file()
-        train_lines = [r for r in metrics(out / name) if "loss" in r]
+        train_lines = [r for r in read_metrics(out / name) if "loss" in r]
         assert train_lines and all(r["ifd_loss"] > 0 for r in train_lines)
     # The contrastive loss learns something even in a dozen steps: below chance, log(16).
-    assert metrics(out / "xs")[-1]["final"] and manifest["xs"]["final_val_loss"] < 2.77
+    assert read_metrics(out / "xs")[-1]["final"] and manifest["xs"]["final_val_loss"] < 2.77
     row = next(l for l in proc.stdout.splitlines() if l.split()[:1] == ["m"])
     assert float(row.split()[6]) == pytest.approx(manifest["m"]["final_val_loss"], abs=1e-4)
     # Resuming a finished stage loads its DeepSpeed checkpoint (open_clip's scalar logit_scale
@@ -124,14 +120,14 @@ def test_clip_chain_zero3_two_ranks(two_ranks, monkeypatch):
         assert rec["status"] == "done" and rec["zero_stage"] == 3 and rec["world_size"] == 2
         check_export(out / n, out / "data", monkeypatch)
     assert manifest["s"]["steps"] == 6 and manifest["s"]["tokens"] == 96
-    assert all(r["ifd_loss"] > 0 for r in metrics(out / "s") if "loss" in r)
+    assert all(r["ifd_loss"] > 0 for r in read_metrics(out / "s") if "loss" in r)
     assert os.path.getsize(out / "s" / "model" / "open_clip_model.safetensors") > 4 * 2_000_000
 
 
 def test_two_ranks_train_on_the_global_batch(one_rank, two_ranks):
     """Features are gathered with grad across ranks, so 2 ranks x 8 train exactly like 1 rank x 16 on
     the same samples: the same first loss (near log 16, not log 8) and the same trajectory after."""
-    one = [r["task_loss"] for r in metrics(one_rank[0] / "xs") if "loss" in r]
-    two = [r["task_loss"] for r in metrics(two_ranks / "xs") if "loss" in r]
+    one = [r["task_loss"] for r in read_metrics(one_rank[0] / "xs") if "loss" in r]
+    two = [r["task_loss"] for r in read_metrics(two_ranks / "xs") if "loss" in r]
     assert abs(two[0] - math.log(16)) < 0.3
     assert two == pytest.approx(one, abs=2e-3)

@@ -16,31 +16,9 @@ import pytest
 from compt_scale.chain.manifest import Manifest
 from compt_scale.errors import EXIT_PREEMPTED
 from compt_scale.launch.torchrun import _children
-from conftest import REPO, run_cli, write_spec
+from conftest import REPO, last_step, read_metrics, run_cli, train_losses, write_spec
 
 pytestmark = pytest.mark.slow
-
-
-def records(stage_dir: Path) -> list[dict]:
-    try:
-        lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for ln in lines:
-        try:
-            out.append(json.loads(ln))
-        except json.JSONDecodeError:
-            pass
-    return out
-
-
-def last_step(stage_dir: Path) -> int:
-    return max((r.get("step", 0) for r in records(stage_dir)), default=0)
-
-
-def losses(stage_dir: Path) -> dict:
-    return {r["step"]: (r["loss"], r["lr"]) for r in records(stage_dir) if "loss" in r}
 
 
 def start(*args) -> subprocess.Popen:
@@ -104,7 +82,7 @@ def test_sigterm_to_chain_stops_its_stage_and_resume_continues_once(tmp_path, ti
     assert stopped_at < steps
 
     run_cli("chain", spec, "--out", out, "--resume", "--no-baselines")
-    recs = records(out / "a")
+    recs = read_metrics(out / "a")
     loss_steps = [r["step"] for r in recs if "loss" in r]
     assert loss_steps == list(range(1, steps + 1)), loss_steps      # strictly increasing, no step twice
     assert sum(bool(r.get("final")) for r in recs) == 1
@@ -116,7 +94,7 @@ def test_sigint_checkpoints_and_torn_state_falls_back_to_a_good_checkpoint(tmp_p
     spec = write_spec(tmp_path / "r.yaml", [{"name": "a", "model": "llama-xs", "tokens": steps * 4 * 32}],
                       data_dir=tiny_data, train={"save_every": 5, "eval_every": 1000})
     run_cli("stage", spec, "--stage", "a", "--out", tmp_path / "ref")
-    ref = losses(tmp_path / "ref" / "a")
+    ref = train_losses(tmp_path / "ref" / "a")
     assert sorted(ref) == list(range(1, steps + 1))
 
     out = tmp_path / "out"
@@ -144,8 +122,8 @@ def test_sigint_checkpoints_and_torn_state_falls_back_to_a_good_checkpoint(tmp_p
     r = run_cli("stage", spec, "--stage", "a", "--out", out, "--resume")
     said = [ln for ln in r.stderr.splitlines() if ln.startswith("[resume]")]
     assert len(said) == 1 and f"global_step{kept[0]}" in said[0], r.stderr[-3000:]
-    assert losses(out / "a") == ref                                # same as never interrupted
-    assert records(out / "a")[-1]["val_loss"] == records(tmp_path / "ref" / "a")[-1]["val_loss"]
+    assert train_losses(out / "a") == ref                                # same as never interrupted
+    assert read_metrics(out / "a")[-1]["val_loss"] == read_metrics(tmp_path / "ref" / "a")[-1]["val_loss"]
 
 
 def test_preemption_signal_during_data_preparation_is_recorded_and_resumable(tmp_path):
@@ -162,4 +140,4 @@ def test_preemption_signal_during_data_preparation_is_recorded_and_resumable(tmp
     assert not (out / "a" / "checkpoints").exists()
     run_cli("stage", spec, "--stage", "a", "--out", out, "--resume")
     assert Manifest(out).stage("a")["status"] == "done"
-    assert records(out / "a")[-1].get("final")
+    assert read_metrics(out / "a")[-1].get("final")

@@ -13,8 +13,8 @@ import pytest
 # The cluster and the preemption reference are session fixtures: registered once as a plugin (not
 # imported per module, which would start one per module).
 from compt_scale.chain.manifest import Manifest
-from conftest import REPO
-from slurm_cluster import PREEMPT_STEPS, last_step, read_metrics, train_losses
+from conftest import REPO, last_step, read_metrics, train_losses
+from slurm_cluster import PREEMPT_STEPS
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 

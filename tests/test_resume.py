@@ -10,24 +10,11 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli, write_spec
+from conftest import REPO, last_step, run_cli, train_losses, write_spec
 
 pytestmark = [pytest.mark.slow]
 
 STEPS = 100
-
-
-def train_losses(stage_dir):
-    recs = [json.loads(l) for l in (stage_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["loss"], r["lr"]) for r in recs if "loss" in r}
-
-
-def last_step(path):
-    try:
-        lines = path.read_text().splitlines()
-        return max((json.loads(l).get("step", 0) for l in lines if l.strip()), default=0)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_data):
@@ -41,11 +28,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_data):
     cmd = [sys.executable, "-m", "compt_scale.cli", "stage", str(spec), "--stage", "a", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while last_step(out / "a" / "metrics.jsonl") < 25 and proc.poll() is None and time.time() < deadline:
+    while last_step(out / "a") < 25 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = last_step(out / "a" / "metrics.jsonl")
+    killed_at = last_step(out / "a")
     assert 25 <= killed_at < STEPS, f"the run must be killed mid-way (it reached step {killed_at})"
     assert not (out / "a" / "model").exists()
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, write_spec
-from slurm_cluster import last_step, read_metrics, train_losses
+from conftest import last_step, read_metrics, run_cli, train_losses, write_spec
 
 # The cluster and the preemption reference are session fixtures: registered once as a plugin (not
 # imported per module, which would start one per module).

@@ -9,8 +9,7 @@ import time
 import pytest
 
 from compt_scale.chain.manifest import Manifest
-from conftest import run_cli, write_spec
-from slurm_cluster import last_step, read_metrics, train_losses
+from conftest import last_step, read_metrics, run_cli, train_losses, write_spec
 
 pytest_plugins = ["slurm_cluster"]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -3,7 +3,6 @@ when forced; a compiled student trains the same trajectory as an eager one, a co
 the same features."""
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
@@ -14,14 +13,13 @@ from compt_scale.errors import CompTError
 from compt_scale.families import get_family
 from compt_scale.train.objective import FrozenTeacher
 from compt_scale.train.speedups import liger_wanted
-from conftest import run_cli, write_spec
+from conftest import run_cli, train_losses, write_spec
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 
 
 def losses(stage_dir):
-    return [json.loads(l)["loss"] for l in (stage_dir / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(l)]
+    return [loss for loss, _ in train_losses(stage_dir).values()]
 
 
 @needs_cpu_only

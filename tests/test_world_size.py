@@ -23,7 +23,7 @@ from compt_scale.config import TrainSpec
 from compt_scale.data.packed import sample_indices
 from compt_scale.errors import CompTError
 from compt_scale.train.world_size_resume import SavedGeometry, needs_universal, read_geometry, resplit, write_geometry
-from conftest import REPO, write_spec
+from conftest import REPO, read_metrics, write_spec
 
 STEPS, REWIND = 12, 8
 
@@ -35,7 +35,7 @@ def _stage(spec, out, nproc, resume):
 
 
 def _losses(stage_dir):
-    recs = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(stage_dir)
     return {r["step"]: r for r in recs if "task_loss" in r}, [r for r in recs if r.get("final")]
 
 
