@@ -8,7 +8,7 @@ source and docs, the corpus `make demo` builds), each also trained independently
 
 Independent runs: s2-indep and s3-indep, same recipe, budget B each; the chain's first stage has no
 teacher, so it is s1's independent run (budget B too). Chain budgets decrease along the chain (the
-paper's rule 3): s1 B, s2 2B/3, s3 5B/12.
+paper's rule 3): s1 B, s2 0.4 B, s3 0.2 B. Warm-up is 10% of each stage's steps.
 
 Per model: final val loss of the chain model and of its independent run, and the chain's accumulated
 MACs (every earlier chain stage, teacher forwards included, then this stage's curve) at the first
@@ -19,12 +19,12 @@ all independent runs' MACs / the chain's total MACs.
 Targets (issue 13): every chain model within 0.5% of its independent val loss; family speedup >= 3x
 (paper: 5.68x for four ViTs).
 
-Sizing for 10 GPU minutes (H100, no compile: compiling five stages would cost ~5 minutes), B = 12M
-tokens by default (--budget): at ~25% MFU s3 runs ~110K tokens/s (2.25 GFLOP/token), s2 ~250K, s1
-~500K, so training is s3-indep ~110 s + chain s3 ~50 s + s2-indep ~50 s + chain s2 ~35 s + s1 ~25 s
-= ~4.5 min; plus the corpus (40M characters: tokenizer training and tokenization, ~1.5 min on 16
-cores), process start-up (~20 s x 5) and final checkpoints: ~8 minutes. 12M tokens is ~1.2 epochs of
-the 40M-character corpus.
+Sizing: the whole GPU session is 15 device minutes for all of issue 13's checks, so this run gets
+about 4 (no compile: compiling five stages would cost minutes). B = 4M tokens (--budget), ~1.1 epochs
+of the corpus (Python's stdlib docs and source: ~3.7M tokens at vocab 8192): s3-indep ~40 s at ~100K
+tokens/s, s2-indep ~20 s, s1 ~10 s, chain s2 + s3 ~20 s; the rest is the corpus (~10 s), five process
+start-ups and final checkpoints. Models this size are far from converged at 4M tokens; the result
+says so (independent_still_improving) rather than hide it.
 
 --cpu-smoke: the same script with the tiny presets (llama-xs -> llama-s -> llama-m), a tiny corpus and a
 few steps per stage on CPU; writes benchmarks/results/chain_speedup-cpu-smoke.json. Its losses and
@@ -56,11 +56,14 @@ MODELS = {"s1": dict(LLAMA, hidden_size=384, num_hidden_layers=6, num_attention_
                      num_key_value_heads=12, intermediate_size=2048),
           "s3": dict(LLAMA, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                      num_key_value_heads=16, intermediate_size=2816)}
-CHAIN_FRACTIONS = {"s1": 1.0, "s2": 2 / 3, "s3": 5 / 12}
+# Chain budgets as fractions of the independent budget B (the paper's rule 3: decreasing along the chain).
+# With teacher forwards this spends 1/3.4 of the independent runs' MACs: the 3x target is only reachable
+# with fractions about this small, and the val-loss gap then says whether quality held.
+CHAIN_FRACTIONS = {"s1": 1.0, "s2": 0.4, "s3": 0.2}
 TARGETS = {"val_loss_rel_gap": 0.005, "family_speedup": 3.0}
 
 
-def gpu_spec(work: Path, budget: int) -> dict:
+def gpu_spec(work: Path, budget: int, liger: str = "auto", ifd_kernel: str = "auto") -> dict:
     paths = {}
     for name, cfg in MODELS.items():
         paths[name] = work / f"{name}.json"
@@ -71,15 +74,15 @@ def gpu_spec(work: Path, budget: int) -> dict:
     def stage(name, tokens, model):
         steps = max(1, tokens // (seq * mb))
         return {"name": name, "model": str(paths[model]), "tokens": int(tokens),
-                "train": {"eval_every": max(1, steps // evals)}}
+                "train": {"eval_every": max(1, steps // evals), "warmup_steps": max(5, steps // 10)}}
 
     return {"name": "chain-speedup", "seed": 0,
             "data": {"corpus": "stdlib", "vocab_size": 8192, "seq_len": seq, "max_chars": 40_000_000,
                      "cache_dir": str(work / "data")},
-            "train": {"micro_batch_size": mb, "grad_accum": 1, "lr": 6.0e-4, "warmup_steps": 50,
-                      "precision": "bf16", "eval_batches": 8, "save_every": 10 ** 9, "log_every": 20,
-                      "compile": False, "liger": "auto"},
-            "growth": {"width": "insert", "depth": "duplicate"},
+            "train": {"micro_batch_size": mb, "grad_accum": 1, "lr": 6.0e-4,
+                      "precision": "bf16", "eval_batches": 4, "save_every": 10 ** 9, "log_every": 20,
+                      "compile": False, "liger": liger},
+            "growth": {"width": "insert", "depth": "duplicate"}, "ifd": {"kernel": ifd_kernel},
             "stages": [stage(n, budget * CHAIN_FRACTIONS[n], n) for n in ("s1", "s2", "s3")],
             "baselines": [stage(f"{n}-indep", budget, n) for n in ("s2", "s3")]}
 
@@ -96,47 +99,30 @@ def smoke_spec(work: Path) -> dict:
             "baselines": [stage("s2-indep", 8, "llama-s"), stage("s3-indep", 8, "llama-m")]}
 
 
-def matched_quality_macs(points: list[tuple[float, float]], target: float) -> float | None:
-    """The first x at which a val-loss curve [(x, loss), ...] (x ascending) reaches `target`, linearly
-    interpolated between the two evals around the crossing; None if it never does.
-    TODO: use the shared matched-quality function in compt_scale/report.py once it is on main."""
-    prev = None
-    for x, loss in points:
-        if loss <= target:
-            if prev is None or prev[1] == loss:
-                return x
-            (x0, l0) = prev
-            return x0 + (x - x0) * (l0 - target) / (l0 - loss)
-        prev = (x, loss)
-    return None
-
-
-def val_curve(stage_dir: Path) -> list[tuple[float, float]]:
-    recs = [json.loads(l) for l in (stage_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    pts = {r["macs"]: r["val_loss"] for r in recs if r.get("val_loss") is not None}  # final wins at equal x
-    return sorted(pts.items())
+def read(stage_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (stage_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
 
 
 def analyse(out: Path) -> dict:
+    """Per chain model: its final val loss against its independent run's, and the chain's MACs to
+    reach that run's final val loss (compt_scale.quality, the report's definition)."""
+    from compt_scale.quality import eval_curve, matched_quality
     stages = json.loads((out / "manifest.json").read_text())["stages"]
-    chain = ["s1", "s2", "s3"]
     offset, per_model = 0.0, {}
-    for name in chain:
-        rec = stages[name]
-        indep_name = name if name == "s1" else f"{name}-indep"
+    for name in ("s1", "s2", "s3"):
+        rec, indep_name = stages[name], name if name == "s1" else f"{name}-indep"
         indep = stages[indep_name]
-        curve = [(offset + x, loss) for x, loss in val_curve(out / name)]
-        reach = matched_quality_macs(curve, indep["final_val_loss"])
+        q = matched_quality(eval_curve(read(out / name)), offset, rec["final_val_loss"],
+                            eval_curve(read(out / indep_name)), indep["macs"], indep["final_val_loss"])
         per_model[name] = {
             "params": rec["params"], "chain_val_loss": rec["final_val_loss"],
-            "independent_val_loss": indep["final_val_loss"],
-            "val_loss_rel_gap": rec["final_val_loss"] / indep["final_val_loss"] - 1,
+            "independent_val_loss": indep["final_val_loss"], "val_loss_rel_gap": q["gap"],
             "chain_tokens": rec["tokens"], "independent_tokens": indep["tokens"],
             "chain_accumulated_macs": offset + rec["macs"], "independent_macs": indep["macs"],
-            "chain_macs_to_match": reach,
-            "matched_quality_speedup": None if reach is None else indep["macs"] / reach}
+            "chain_macs_to_match": q["chain_macs_to_match"], "matched_quality_speedup": q["speedup"],
+            "independent_still_improving": q["baseline_improving"]}
         offset += rec["macs"]
-    indep_total = sum(stages["s1" if n == "s1" else f"{n}-indep"]["macs"] for n in chain)
+    indep_total = sum(stages["s1" if n == "s1" else f"{n}-indep"]["macs"] for n in per_model)
     return {"models": per_model, "chain_total_macs": offset, "independent_total_macs": indep_total,
             "family_speedup": indep_total / offset}
 
@@ -144,7 +130,9 @@ def analyse(out: Path) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true")
-    ap.add_argument("--budget", type=float, default=12e6, help="independent runs' tokens (GPU run)")
+    ap.add_argument("--budget", type=float, default=4e6, help="independent runs' tokens (GPU run)")
+    ap.add_argument("--liger", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--ifd-kernel", choices=["auto", "triton", "reference"], default="auto")
     ap.add_argument("--work", type=Path, default=None, help="keep the run here (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -157,7 +145,7 @@ def main(argv=None):
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         # The GPU spec is always parsed (cheap, meta-device checks): growth and sizes are validated here too.
-        gpu = gpu_spec(work, int(args.budget))
+        gpu = gpu_spec(work, int(args.budget), args.liger, args.ifd_kernel)
         parse_chain(gpu, base_dir=work)
         spec = smoke_spec(work) if args.cpu_smoke else gpu
         spec_path = work / "chain.yaml"

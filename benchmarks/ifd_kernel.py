@@ -213,6 +213,8 @@ def main(argv=None):
                               for x in ("eager_time", "compile_time", "eager_mem"))
             print(f"{n:>7} {d_s:>5} {d_t:>5} | " + " | ".join(cells) + " | " + ratios, flush=True)
             del s, t, w, b
+            out.parent.mkdir(parents=True, exist_ok=True)  # after every row: a run cut short keeps its rows
+            out.write_text(json.dumps({**header, "targets": TARGETS, "results": rows}, indent=2))
     print(f"targets (fused): {TARGETS}")
     for row in rows:
         print(f"  N={row['N']:>6} d={row['d_s']}/{row['d_t']}: " + ", ".join(

@@ -16,9 +16,9 @@ Targets (issue 13): (b) >= 50% MFU and >= 2x (a)'s tokens/s; (c)'s time per toke
 (1 + teacher-forward FLOP share + 0.05), the share being the teacher's forward FLOPs over the
 student's training FLOPs per token.
 
-Sizing for the GPU: 60 steps per setup (~1M tokens, ~10 s of training at 100K tokens/s), plus
-start-up (~20 s), DeepSpeed's fused-Adam JIT build (first process only, ~1 min) and torch.compile
-(~1 min each for (b), (c)): about 5 minutes in all. Data are random tokens: throughput does not
+Sizing for the GPU: 40 steps per setup (15 warm-up, then 5 log windows of 5 steps; ~650K tokens),
+plus start-up (~20 s) and torch.compile (~1 min for (b); (c) reuses inductor's cache for the student):
+about 3 minutes in all when DeepSpeed's fused Adam is already built. Data are random tokens: throughput does not
 depend on them, and no tokenizer has to be trained first.
 
 --cpu-smoke: a tiny model on CPU (fp32, no compile) through the same three code paths, a few steps;
@@ -47,7 +47,7 @@ STUDENT = {"model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 24, 
            "max_position_embeddings": 2048, "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
 TEACHER = dict(STUDENT, hidden_size=512, num_hidden_layers=20, num_attention_heads=8, num_key_value_heads=8,
                intermediate_size=1408)
-GPU = {"seq": 2048, "mb": 8, "steps": 60, "warmup": 20, "log_every": 10}
+GPU = {"seq": 2048, "mb": 8, "steps": 40, "warmup": 15, "log_every": 5}
 SMOKE = {"seq": 64, "mb": 2, "steps": 6, "warmup": 2, "log_every": 2}
 SMOKE_STUDENT = dict(STUDENT, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                      intermediate_size=176, vocab_size=512)
@@ -70,7 +70,8 @@ def random_data(dir_: Path, vocab: int, seq: int, samples: int) -> Path:
     rng = np.random.default_rng(0)
     for split, n in (("train", samples), ("val", 8)):
         rng.integers(0, vocab, size=n * seq + 1, dtype=np.uint16).tofile(dir_ / f"{split}.bin")
-    (dir_ / "meta.json").write_text(json.dumps({"vocab_size": vocab, "dtype": "uint16", "seq_len": seq}))
+    (dir_ / "meta.json").write_text(json.dumps({"vocab_size": vocab, "dtype": "uint16", "seq_len": seq,
+                                                "eos_id": 2}))
     return dir_
 
 
@@ -122,7 +123,8 @@ def run_hand_wired(smoke: bool, work: Path) -> dict:
 
 # ------------------------------------------------------------------ (b), (c) the compt-scale trainer
 
-def run_trainer(smoke: bool, work: Path, with_teacher: bool) -> dict:
+def run_trainer(smoke: bool, work: Path, with_teacher: bool, liger: str = "auto", compile_: bool = True,
+                ifd_kernel: str = "auto") -> dict:
     from compt_scale.config import parse_chain
     from compt_scale.families import get_family
     from compt_scale.kernels import IFDProjection
@@ -136,10 +138,11 @@ def run_trainer(smoke: bool, work: Path, with_teacher: bool) -> dict:
     init_distributed()
     s_path = write_config(student, work / "student.json")
     spec = parse_chain({
-        "name": "throughput", "data": {"vocab_size": student["vocab_size"], "seq_len": geo["seq"]},
+        "name": "throughput", "data": {"vocab_size": student["vocab_size"], "seq_len": geo["seq"],
+                                                       "doc_mask": False},  # (a) masks nothing either
         "train": {"micro_batch_size": geo["mb"], "grad_accum": 1, "lr": 3e-4, "warmup_steps": 10,
-                  "precision": "bf16" if cuda else "fp32", "zero_stage": 1, "compile": cuda and not smoke,
-                  "liger": "auto", "log_every": geo["log_every"], "eval_every": 10 ** 9, "save_every": 10 ** 9,
+                  "precision": "bf16" if cuda else "fp32", "zero_stage": 1, "compile": compile_ and cuda and not smoke,
+                  "liger": liger, "log_every": geo["log_every"], "eval_every": 10 ** 9, "save_every": 10 ** 9,
                   "eval_batches": 1},
         "ifd": {"alpha": 0.1},
         "stages": [{"name": "s", "model": str(s_path), "tokens": geo["steps"] * geo["mb"] * geo["seq"]}]},
@@ -154,7 +157,7 @@ def run_trainer(smoke: bool, work: Path, with_teacher: bool) -> dict:
     if with_teacher:
         t_cfg = fam.load_config(str(write_config(teacher, work / "teacher.json")))
         t_obj = FrozenTeacher(fam, fam.build(t_cfg, seed=2), torch.bfloat16 if cuda else torch.float32, device())
-        heads = [IFDProjection(d_s, d_t) for d_s, d_t in
+        heads = [IFDProjection(d_s, d_t, impl=None if ifd_kernel == "auto" else ifd_kernel) for d_s, d_t in
                  zip(fam.feature_dims(cfg), fam.feature_dims(t_cfg), strict=True)]
     n_params = sum(p.numel() for p in model.parameters())
     macs = fam.stage_macs(cfg, t_cfg, spec, geo["mb"])
@@ -167,14 +170,11 @@ def run_trainer(smoke: bool, work: Path, with_teacher: bool) -> dict:
     train_stage(StudentWithIFD(fam, model, heads), t_obj, loop_cfg)
     recs = [json.loads(l) for l in (work / "stage" / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in recs if "tokens_per_s" in r and r["step"] > geo["warmup"]]
-    try:
-        import liger_kernel  # noqa: F401
-        liger = cuda
-    except ImportError:
-        liger = False
+    from compt_scale.train.speedups import liger_wanted
+    liger_used = liger_wanted(train.liger, fam, cfg, 1)
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in windows),
             "windows": [r["tokens_per_s"] for r in windows], "peak_bytes": peak_bytes(),
-            "compile": train.compile, "liger": liger, "final_loss": recs[-2].get("loss") if len(recs) > 1 else None}
+            "compile": train.compile, "liger": liger_used, "final_loss": recs[-2].get("loss") if len(recs) > 1 else None}
 
 
 # ------------------------------------------------------------------ driver
@@ -188,45 +188,7 @@ def flops_per_token(cfg: dict, seq: int) -> tuple[float, int]:
     return 6 * n + 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * seq, n
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cpu-smoke", action="store_true")
-    ap.add_argument("--setup", choices=["a", "b", "c"], help=argparse.SUPPRESS)  # one setup, in a child
-    ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args(argv)
-    smoke = args.cpu_smoke
-    if not smoke and not torch.cuda.is_available():
-        sys.exit("throughput.py: no CUDA device; use --cpu-smoke to test the script on CPU")
-    if args.setup:  # child process: one setup
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            res = run_hand_wired(smoke, work) if args.setup == "a" else run_trainer(smoke, work, args.setup == "c")
-        args.json.write_text(json.dumps(res))
-        return res
-
-    from compt_scale.train.distributed import free_port
-    from compt_scale.train.metrics import mfu, peak_flops
-    geo, student, teacher = geometry(smoke)
-    peak = peak_flops()
-    fpt, n_student = flops_per_token(student, geo["seq"])
-    t_fpt, n_teacher = flops_per_token(teacher, geo["seq"])
-    share = (t_fpt / 3) / fpt  # teacher forward (1/3 of its 6N + 12 L d s) over the student's training
-    results = {}
-    names = {"a": "hand-wired HF + DeepSpeed ZeRO-1", "b": "compt-scale, no teacher",
-             "c": f"compt-scale + teacher ({n_teacher / 1e6:.0f}M) + IFD"}
-    for key in "abc":
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            env = dict(os.environ, MASTER_PORT=str(free_port()))
-            cmd = [sys.executable, __file__, "--setup", key, "--json", f.name] + (["--cpu-smoke"] if smoke else [])
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if p.returncode != 0:
-                results[key] = {"error": (p.stdout[-1500:] + p.stderr[-3000:])}
-                print(f"({key}) failed:\n{results[key]['error']}", file=sys.stderr)
-                continue
-            results[key] = json.loads(Path(f.name).read_text())
-        results[key]["setup"] = names[key]
-        results[key]["mfu"] = mfu(fpt, results[key]["tokens_per_s"], peak)
+def targets_met(results: dict, share: float) -> dict:
     ok = lambda k: "tokens_per_s" in results.get(k, {})  # noqa: E731
     checks = {}
     if ok("b"):
@@ -238,16 +200,71 @@ def main(argv=None):
         checks["c_time_over_b"] = results["b"]["tokens_per_s"] / results["c"]["tokens_per_s"]
         checks["c_allowed"] = 1 + share + TARGETS["c_overhead_slack"]
         checks["c_met"] = checks["c_time_over_b"] <= checks["c_allowed"]
+    return checks
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--setup", choices=["a", "b", "c"], help=argparse.SUPPRESS)  # one setup, in a child
+    ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--liger", choices=["auto", "on", "off"], default="auto", help="train.liger for (b), (c)")
+    ap.add_argument("--setups", default="abc", help="which setups to run, e.g. bc")
+    ap.add_argument("--ifd-kernel", choices=["auto", "triton", "reference"], default="auto", help="for (c)")
+    ap.add_argument("--no-compile", action="store_true", help="train.compile off for (b), (c)")
+    args = ap.parse_args(argv)
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        sys.exit("throughput.py: no CUDA device; use --cpu-smoke to test the script on CPU")
+    if args.setup:  # child process: one setup
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            res = (run_hand_wired(smoke, work) if args.setup == "a" else
+                   run_trainer(smoke, work, args.setup == "c", args.liger, not args.no_compile, args.ifd_kernel))
+        args.json.write_text(json.dumps(res))
+        return res
+
+    from compt_scale.train.distributed import free_port
+    from compt_scale.train.metrics import mfu, peak_flops
+    geo, student, teacher = geometry(smoke)
+    peak = peak_flops()
+    fpt, n_student = flops_per_token(student, geo["seq"])
+    t_fpt, n_teacher = flops_per_token(teacher, geo["seq"])
+    share = (t_fpt / 3) / fpt  # teacher forward (1/3 of its 6N + 12 L d s) over the student's training
+    names = {"a": "hand-wired HF + DeepSpeed ZeRO-1", "b": "compt-scale, no teacher",
+             "c": f"compt-scale + teacher ({n_teacher / 1e6:.0f}M) + IFD"}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke: timings meaningless)"
     out = args.out or HERE / "results" / ("throughput-cpu-smoke.json" if smoke else "throughput.json")
-    report = {"device": device, "torch": torch.__version__, "geometry": geo, "student_params": n_student,
-              "teacher_params": n_teacher, "flops_per_token": fpt, "teacher_forward_share": share,
-              "peak_flops": peak, "targets": TARGETS, "checks": checks, "results": results}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    results, checks = {}, {}
+    ok = lambda k: "tokens_per_s" in results.get(k, {})  # noqa: E731
+    for key in args.setups:
+        t0 = time.time()
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            env = dict(os.environ, MASTER_PORT=str(free_port()))
+            cmd = ([sys.executable, __file__, "--setup", key, "--json", f.name, "--liger", args.liger,
+                    "--ifd-kernel", args.ifd_kernel]
+                   + (["--cpu-smoke"] if smoke else []) + (["--no-compile"] if args.no_compile else []))
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if p.returncode != 0:
+                results[key] = {"error": (p.stdout[-1500:] + p.stderr[-3000:])}
+                print(f"({key}) failed:\n{results[key]['error']}", file=sys.stderr)
+            else:
+                results[key] = json.loads(Path(f.name).read_text())
+                results[key]["mfu"] = mfu(fpt, results[key]["tokens_per_s"], peak)
+        results[key].update(setup=names[key], wall_s=time.time() - t0)
+        print(f"({key}) done in {time.time() - t0:.0f} s", flush=True)
+        checks = targets_met(results, share)
+        # Written after every setup: a run cut short still leaves what it measured.
+        out.write_text(json.dumps({
+            "device": device, "torch": torch.__version__, "geometry": geo, "student_params": n_student,
+            "teacher_params": n_teacher, "flops_per_token": fpt, "teacher_forward_share": share,
+            "peak_flops": peak, "liger": args.liger, "ifd_kernel": args.ifd_kernel, "compile": not args.no_compile, "targets": TARGETS,
+            "checks": checks, "results": results}, indent=2))
     print(f"# {device}, student {n_student / 1e6:.0f}M, seq {geo['seq']}, micro-batch {geo['mb']}")
     print(f"{'setup':<44} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9}")
-    for key in "abc":
+    for key in args.setups:
         r = results.get(key, {})
         if not ok(key):
             print(f"({key}) {names[key]:<40} failed")
@@ -257,7 +274,7 @@ def main(argv=None):
         print(f"({key}) {names[key]:<40} {r['tokens_per_s']:>10.0f} {m:>7} {g:>9}")
     print(f"targets {TARGETS}; checks {checks}")
     print(f"wrote {out}")
-    return report
+    return json.loads(out.read_text())
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ class IFDSpec:
     calib_batches: int = 4
     normalize: str = "before"          # CLIP: T before ("before") or after the embeddings' L2 norm
     enabled: bool = True
+    kernel: str = "auto"               # the fused IFD loss: auto (Triton on CUDA) | triton | reference
 
 
 @dataclass
@@ -308,6 +309,8 @@ def _validate_section(obj, where: str) -> None:
                              f"got {obj.alpha!r}")
         if obj.normalize not in ("before", "after"):
             raise CompTError(f"{where}.normalize: must be 'before' or 'after', got {obj.normalize!r}")
+        if obj.kernel not in ("auto", "triton", "reference"):
+            raise CompTError(f"{where}.kernel: must be 'auto', 'triton' or 'reference', got {obj.kernel!r}")
         if obj.ratio <= 0:
             raise CompTError(f"{where}.ratio: must be positive")
         if obj.calib_batches <= 0:

@@ -67,9 +67,22 @@ def test_alpha_specs_validate():
     for bad, msg in (({"alpha": {"schedule": "cosine", "start": 1}}, "only 'linear'"),
                      ({"alpha": {"schedule": "linear"}}, "start: required"),
                      ({"alpha": {"schedule": "linear", "start": -1}}, "start: must be a number >= 0"),
-                     ({"normalize": "never"}, "normalize: must be 'before' or 'after'")):
+                     ({"normalize": "never"}, "normalize: must be 'before' or 'after'"),
+                     ({"kernel": "cuda"}, "kernel: must be 'auto', 'triton' or 'reference'")):
         with pytest.raises(CompTError, match=msg):
             parse_chain({**raw, "ifd": bad})
+
+
+def test_ifd_kernel_choice_reaches_the_projection():
+    from transformers import AutoConfig
+
+    from compt_scale.families import hf_decoder
+    raw = {"name": "t", "data": dict(TINY_DATA), "train": dict(TINY_TRAIN),
+           "stages": [{"name": "a", "model": "llama-xs", "tokens": 1000}]}
+    s, t = (AutoConfig.for_model("llama", hidden_size=d, num_attention_heads=2) for d in (64, 32))
+    for kernel, impl in (("auto", None), ("reference", "reference"), ("triton", "triton")):
+        heads = hf_decoder.ifd_heads(s, t, parse_chain({**raw, "ifd": {"kernel": kernel}}).ifd)
+        assert [h.impl for h in heads] == [impl]
 
 
 def test_clip_normalize_before_and_after_against_a_hand_computation():

@@ -12,13 +12,36 @@ bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
 
-def test_matched_quality_interpolates_the_first_crossing():
-    curve = [(10.0, 5.0), (20.0, 4.0), (30.0, 3.0), (40.0, 3.5), (50.0, 2.0)]
-    # 3.5 is crossed between x=20 (4.0) and x=30 (3.0): halfway.
-    assert bench.matched_quality_macs(curve, 3.5) == pytest.approx(25.0)
-    assert bench.matched_quality_macs(curve, 4.0) == 20.0        # reached exactly at an eval
-    assert bench.matched_quality_macs(curve, 6.0) == 10.0        # already below at the first eval
-    assert bench.matched_quality_macs(curve, 1.0) is None        # never reached
+def _run(out: Path, stages: dict):
+    """A finished chain dir as far as analyse() reads it: manifest plus each stage's eval lines."""
+    import json
+    out.mkdir()
+    manifest = {}
+    for name, (macs, curve) in stages.items():
+        (out / name).mkdir()
+        (out / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i, "macs": x, "val_loss": y}) + "\n" for i, (x, y) in enumerate(curve)))
+        manifest[name] = {"params": 1, "tokens": 1, "macs": macs, "final_val_loss": curve[-1][1]}
+    (out / "manifest.json").write_text(json.dumps({"stages": manifest}))
+
+
+def test_analyse_accumulates_the_chain_and_interpolates_the_crossing(tmp_path):
+    _run(tmp_path / "o", {
+        "s1": (100.0, [(50.0, 6.0), (100.0, 5.0)]),
+        "s2": (40.0, [(10.0, 5.0), (20.0, 4.0), (40.0, 3.0)]),
+        "s2-indep": (200.0, [(100.0, 4.5), (200.0, 3.5)]),
+        "s3": (80.0, [(40.0, 2.5), (80.0, 2.0)]),
+        "s3-indep": (1000.0, [(500.0, 2.4), (1000.0, 2.0)])})
+    res = bench.analyse(tmp_path / "o")
+    m = res["models"]
+    assert m["s1"]["matched_quality_speedup"] == pytest.approx(1.0) and m["s1"]["val_loss_rel_gap"] == 0
+    # s2 crosses 3.5 halfway between its evals at 20 (4.0) and 40 (3.0), after s1's 100 MACs.
+    assert m["s2"]["chain_macs_to_match"] == pytest.approx(130.0)
+    assert m["s2"]["matched_quality_speedup"] == pytest.approx(200 / 130)
+    assert m["s2"]["val_loss_rel_gap"] == pytest.approx(3.0 / 3.5 - 1)
+    assert m["s3"]["chain_macs_to_match"] == pytest.approx(220.0)   # reached at its last eval
+    assert m["s3"]["chain_accumulated_macs"] == pytest.approx(220.0)
+    assert res["family_speedup"] == pytest.approx(1300 / 220)
 
 
 def test_gpu_chain_is_a_valid_growable_spec(tmp_path):

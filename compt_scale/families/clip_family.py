@@ -104,8 +104,10 @@ def ifd_heads(cfg: dict, teacher_cfg: dict, ifd) -> list[torch.nn.Module]:
     embedding, L_IFD = ||T(s) - t||^2 with the fused kernel."""
     from ..kernels import IFDProjection
     from ..train.objective import UnitIFDProjection
-    head = UnitIFDProjection if ifd.normalize == "before" else IFDProjection
-    return [head(d_s, d_t) for d_s, d_t in zip(feature_dims(cfg), feature_dims(teacher_cfg), strict=True)]
+    dims = zip(feature_dims(cfg), feature_dims(teacher_cfg), strict=True)
+    if ifd.normalize == "before":
+        return [UnitIFDProjection(d_s, d_t) for d_s, d_t in dims]
+    return [IFDProjection(d_s, d_t, impl=None if ifd.kernel == "auto" else ifd.kernel) for d_s, d_t in dims]
 
 
 def _embed(model, batch):

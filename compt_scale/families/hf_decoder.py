@@ -263,8 +263,9 @@ def ifd_heads(config, teacher_config, ifd) -> list[torch.nn.Module]:
     """T for the one stream (the final hidden state): the fused IFD kernel's projection
     (`ifd.normalize` is a CLIP setting; hidden states are not normalized)."""
     from ..kernels import IFDProjection
-    return [IFDProjection(d_s, d_t) for d_s, d_t in zip(feature_dims(config), feature_dims(teacher_config),
-                                                        strict=True)]
+    impl = None if ifd.kernel == "auto" else ifd.kernel
+    return [IFDProjection(d_s, d_t, impl=impl)
+            for d_s, d_t in zip(feature_dims(config), feature_dims(teacher_config), strict=True)]
 
 
 def stage_macs(student_config, teacher_config, spec, samples: int) -> dict:
