@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -105,26 +106,56 @@ def read(stage_dir: Path) -> list[dict]:
 
 def analyse(out: Path) -> dict:
     """Per chain model: its final val loss against its independent run's, and the chain's MACs to
-    reach that run's final val loss (compt_scale.quality, the report's definition)."""
+    reach that run's final val loss (compt_scale.quality, the report's definition). A model whose
+    chain stage or independent run did not finish (a run cut short) is listed as such."""
     from compt_scale.quality import eval_curve, matched_quality
     stages = json.loads((out / "manifest.json").read_text())["stages"]
-    offset, per_model = 0.0, {}
-    for name in ("s1", "s2", "s3"):
-        rec, indep_name = stages[name], name if name == "s1" else f"{name}-indep"
-        indep = stages[indep_name]
-        q = matched_quality(eval_curve(read(out / name)), offset, rec["final_val_loss"],
-                            eval_curve(read(out / indep_name)), indep["macs"], indep["final_val_loss"])
-        per_model[name] = {
-            "params": rec["params"], "chain_val_loss": rec["final_val_loss"],
-            "independent_val_loss": indep["final_val_loss"], "val_loss_rel_gap": q["gap"],
-            "chain_tokens": rec["tokens"], "independent_tokens": indep["tokens"],
-            "chain_accumulated_macs": offset + rec["macs"], "independent_macs": indep["macs"],
-            "chain_macs_to_match": q["chain_macs_to_match"], "matched_quality_speedup": q["speedup"],
-            "independent_still_improving": q["baseline_improving"]}
+    offset, per_model, unfinished = 0.0, {}, {}
+    chain = ("s1", "s2", "s3")
+    for i, name in enumerate(chain):
+        indep_name = name if name == "s1" else f"{name}-indep"
+        rec, indep = stages.get(name, {}), stages.get(indep_name, {})
+        if rec.get("status") != "done":
+            unfinished.update({n: stages.get(n, {}).get("status", "never run") for n in chain[i:]})
+            break
+        if indep.get("status") != "done":
+            unfinished[indep_name] = indep.get("status", "never run")
+        else:
+            q = matched_quality(eval_curve(read(out / name)), offset, rec["final_val_loss"],
+                                eval_curve(read(out / indep_name)), indep["macs"], indep["final_val_loss"])
+            per_model[name] = {
+                "params": rec["params"], "chain_val_loss": rec["final_val_loss"],
+                "independent_val_loss": indep["final_val_loss"], "val_loss_rel_gap": q["gap"],
+                "chain_tokens": rec["tokens"], "independent_tokens": indep["tokens"],
+                "chain_accumulated_macs": offset + rec["macs"], "independent_macs": indep["macs"],
+                "chain_macs_to_match": q["chain_macs_to_match"], "matched_quality_speedup": q["speedup"],
+                "independent_still_improving": q["baseline_improving"]}
         offset += rec["macs"]
-    indep_total = sum(stages["s1" if n == "s1" else f"{n}-indep"]["macs"] for n in per_model)
-    return {"models": per_model, "chain_total_macs": offset, "independent_total_macs": indep_total,
-            "family_speedup": indep_total / offset}
+    res = {"models": per_model, "unfinished": unfinished, "chain_total_macs": offset}
+    if not unfinished:
+        indep_total = sum(stages["s1" if n == "s1" else f"{n}-indep"]["macs"] for n in per_model)
+        res.update(independent_total_macs=indep_total, family_speedup=indep_total / offset)
+    return res
+
+
+def run_chain(spec_path: Path, out: Path, time_limit: float | None) -> int:
+    """`compt-scale chain` in a child; past `time_limit` seconds it gets SIGTERM (the chain forwards it
+    to the running stage, which checkpoints and stops) so that the stages already done can be analysed."""
+    # PYTHONPATH prepended, not replaced: on the GPU machine deepspeed & co. come from a `pip --target`
+    # dir on it (replacing it cost the first H200 run its chain: "No module named 'deepspeed'").
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen([sys.executable, "-m", "compt_scale.cli", "chain", str(spec_path), "--out", str(out)],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=path))
+    try:
+        return proc.wait(timeout=time_limit)
+    except subprocess.TimeoutExpired:
+        print(f"chain_speedup.py: time limit {time_limit:.0f} s reached; stopping the chain", file=sys.stderr)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
 
 
 def main(argv=None):
@@ -133,6 +164,7 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=4e6, help="independent runs' tokens (GPU run)")
     ap.add_argument("--liger", choices=["auto", "on", "off"], default="auto")
     ap.add_argument("--ifd-kernel", choices=["auto", "triton", "reference"], default="auto")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds; then stop and analyse what finished")
     ap.add_argument("--work", type=Path, default=None, help="keep the run here (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -151,16 +183,16 @@ def main(argv=None):
         spec_path = work / "chain.yaml"
         spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
         t0 = time.time()
-        p = subprocess.run([sys.executable, "-m", "compt_scale.cli", "chain", str(spec_path), "--out",
-                            str(work / "out")], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
-        if p.returncode != 0:
-            sys.exit(f"chain_speedup.py: compt-scale chain exited {p.returncode}")
+        rc = run_chain(spec_path, work / "out", args.time_limit)
+        if not (work / "out" / "manifest.json").is_file():
+            sys.exit(f"chain_speedup.py: compt-scale chain exited {rc} before any stage ran")
         res = analyse(work / "out")
-        res.update(seconds=time.time() - t0, targets=TARGETS, spec=spec,
+        models = res["models"].values()
+        res.update(seconds=time.time() - t0, chain_exit_code=rc, targets=TARGETS, spec=spec,
                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)",
-                   targets_met={"val_loss": all(m["val_loss_rel_gap"] <= TARGETS["val_loss_rel_gap"]
-                                                for m in res["models"].values()),
-                                "family_speedup": res["family_speedup"] >= TARGETS["family_speedup"]})
+                   targets_met=None if res["unfinished"] else {
+                       "val_loss": all(m["val_loss_rel_gap"] <= TARGETS["val_loss_rel_gap"] for m in models),
+                       "family_speedup": res["family_speedup"] >= TARGETS["family_speedup"]})
     out = args.out or HERE / "results" / ("chain_speedup-cpu-smoke.json" if args.cpu_smoke else "chain_speedup.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
@@ -171,9 +203,14 @@ def main(argv=None):
         sp = "-" if m["matched_quality_speedup"] is None else f"{m['matched_quality_speedup']:.2f}x"
         print(f"{name:<6} {m['params'] / 1e6:>7.1f}M {m['chain_val_loss']:>10.4f} {m['independent_val_loss']:>10.4f} "
               f"{100 * m['val_loss_rel_gap']:>6.2f}% {reach:>17} {m['independent_macs']:>11.3e} {sp:>8}")
-    print(f"family speedup (independent total / chain total MACs): {res['family_speedup']:.2f}x; "
-          f"targets {TARGETS}: {res['targets_met']}; {res['seconds']:.0f} s")
+    if res["unfinished"]:
+        print(f"unfinished (exit code {rc}): {res['unfinished']}; no family speedup")
+    else:
+        print(f"family speedup (independent total / chain total MACs): {res['family_speedup']:.2f}x; "
+              f"targets {TARGETS}: {res['targets_met']}; {res['seconds']:.0f} s")
     print(f"wrote {out}")
+    if rc != 0:
+        sys.exit(f"chain_speedup.py: compt-scale chain exited {rc}")
     return res
 
 

@@ -63,7 +63,9 @@ def run(work: Path, nproc: int, steps: int) -> dict:
             "stages": [{"name": "base", "init": str(work / "teacher"), "tokens": 0},
                        {"name": "big", "model": str(work / "student.json"), "tokens": steps * mb * nproc * seq}]}
     (work / "chain.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # Prepended, not replaced: packages installed with `pip --target` (the GPU machine) stay importable.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "compt_scale.cli", "chain", str(work / "chain.yaml"), "--out", str(out),
                     "--nproc", str(nproc)], check=True, env=env, cwd=ROOT)
     man = json.loads((out / "manifest.json").read_text())["stages"]["big"]

@@ -21,7 +21,7 @@ def _run(out: Path, stages: dict):
         (out / name).mkdir()
         (out / name / "metrics.jsonl").write_text("".join(
             json.dumps({"step": i, "macs": x, "val_loss": y}) + "\n" for i, (x, y) in enumerate(curve)))
-        manifest[name] = {"params": 1, "tokens": 1, "macs": macs, "final_val_loss": curve[-1][1]}
+        manifest[name] = {"params": 1, "tokens": 1, "macs": macs, "final_val_loss": curve[-1][1], "status": "done"}
     (out / "manifest.json").write_text(json.dumps({"stages": manifest}))
 
 
@@ -41,7 +41,21 @@ def test_analyse_accumulates_the_chain_and_interpolates_the_crossing(tmp_path):
     assert m["s2"]["val_loss_rel_gap"] == pytest.approx(3.0 / 3.5 - 1)
     assert m["s3"]["chain_macs_to_match"] == pytest.approx(220.0)   # reached at its last eval
     assert m["s3"]["chain_accumulated_macs"] == pytest.approx(220.0)
-    assert res["family_speedup"] == pytest.approx(1300 / 220)
+    assert res["family_speedup"] == pytest.approx(1300 / 220) and res["unfinished"] == {}
+
+
+def test_analyse_of_a_run_cut_short_keeps_what_finished(tmp_path):
+    import json
+    _run(tmp_path / "o", {"s1": (100.0, [(100.0, 5.0)]), "s2": (40.0, [(40.0, 3.0)]),
+                          "s2-indep": (200.0, [(200.0, 3.5)]), "s3": (80.0, [(80.0, 2.0)])})
+    man = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    for rec in man["stages"].values():
+        rec["status"] = "done"
+    man["stages"]["s3-indep"] = {"status": "interrupted"}
+    (tmp_path / "o" / "manifest.json").write_text(json.dumps(man))
+    res = bench.analyse(tmp_path / "o")
+    assert sorted(res["models"]) == ["s1", "s2"] and res["unfinished"] == {"s3-indep": "interrupted"}
+    assert "family_speedup" not in res
 
 
 def test_gpu_chain_is_a_valid_growable_spec(tmp_path):

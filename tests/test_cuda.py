@@ -6,6 +6,11 @@ Kernel tolerances (max|error| / max|oracle| per gradient, relative error of the 
 interpreter suite (tests/test_ifd_kernel_interp.py) measured them on the same kernels: fp32 value
 1e-6 / grads 1e-5 (fp32 GEMMs run in IEEE fp32 unless TF32 is enabled), bf16 1e-5 / 1e-2, fp16
 1e-5 / 2e-3; the oracle rounds W to the compute dtype first (the defined semantics, reference.py).
+
+fp16 backward runs under a loss scale of 2^16, as every fp16 run does (DeepSpeed's dynamic loss scaler
+starts there): unscaled, the exact dS at N=4099, d_t=512 is ~5e-6, in fp16's subnormal range, where merely
+storing the float64 oracle's dS in fp16 is off by 6.2e-3 of its max, over the 2e-3 tolerance (the first
+H200 run failed exactly these 8 cases: fp16 at the two larger shapes).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-5, 1e-2), torch.float16: (1e-5, 2e-3)}
+LOSS_SCALE = {torch.float16: 2.0 ** 16}
 # Odd sizes: partial tiles in every dimension, rows not a multiple of the backward's chunk.
 SHAPES = [(37, 19, 11), (1000, 333, 77), (4099, 1024, 512), (8191, 520, 264)]
 
@@ -39,17 +45,19 @@ def test_triton_ifd_kernel_matches_float64(dtype, n, d_s, d_t, mode, bias):
     w = (torch.randn(d_t, d_s, device="cuda", generator=g) / d_s ** 0.5).requires_grad_()
     b = torch.randn(d_t, device="cuda", generator=g).requires_grad_() if bias else None
     alpha = 0.7
+    scale = LOSS_SCALE.get(dtype, 1.0)
     loss = fused_ifd_loss(s, t, w, b, alpha, impl="triton", triton_mode=mode)
-    loss.backward()
+    (loss * scale).backward()
     ref, gs, gw, gb = oracle(s.detach(), t, w.detach(), b.detach() if bias else None, alpha)
     vtol, gtol = TOL[dtype]
     assert loss.dtype == torch.float32
     assert abs(loss.item() - ref.item()) <= vtol * abs(ref.item())
     assert s.grad.dtype == dtype and w.grad.dtype == torch.float32
-    assert rel(s.grad, gs) < gtol
-    assert rel(w.grad, gw) < gtol
+    # Unscaled in float64, as the fp32 master gradients are (unscaling in fp16 would underflow again).
+    assert rel(s.grad.double() / scale, gs) < gtol
+    assert rel(w.grad.double() / scale, gw) < gtol
     if bias:
-        assert rel(b.grad, gb) < gtol
+        assert rel(b.grad.double() / scale, gb) < gtol
 
 
 def test_two_stage_bf16_chain_on_one_gpu_and_exports_load(tmp_path, tiny_data):
