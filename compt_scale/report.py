@@ -51,7 +51,8 @@ def _check_numbers(rec: dict, keys, prefix: str) -> None:
             raise CompTError(f"{prefix}{k}: expected a number, got {v!r}")
 
 
-def _read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
+    """A stage's metrics.jsonl records ([] if absent); a line torn by a killed writer is skipped."""
     if not path.is_file():
         return []
     out = []
@@ -75,7 +76,7 @@ def _stages(out_dir: Path) -> tuple[dict, list[dict]]:
     manifest = _read_manifest(out_dir)
     recs = []
     for name, rec in manifest["stages"].items():
-        r = dict(rec, name=name, kind=rec.get("kind", "chain"), metrics=_read_metrics(out_dir / name / "metrics.jsonl"))
+        r = dict(rec, name=name, kind=rec.get("kind", "chain"), metrics=read_metrics(out_dir / name / "metrics.jsonl"))
         final = next((m for m in reversed(r["metrics"]) if m.get("final")), {})
         r["final_metrics"] = final
         for key in ("tokens", "macs", "val_loss"):

@@ -80,9 +80,15 @@ def test_ifd_kernel_choice_reaches_the_projection():
     raw = {"name": "t", "data": dict(TINY_DATA), "train": dict(TINY_TRAIN),
            "stages": [{"name": "a", "model": "llama-xs", "tokens": 1000}]}
     s, t = (AutoConfig.for_model("llama", hidden_size=d, num_attention_heads=2) for d in (64, 32))
-    for kernel, impl in (("auto", None), ("reference", "reference"), ("triton", "triton")):
+    for kernel in ("auto", "reference"):
         heads = hf_decoder.ifd_heads(s, t, parse_chain({**raw, "ifd": {"kernel": kernel}}).ifd)
-        assert [h.impl for h in heads] == [impl]
+        assert [h.impl for h in heads] == [kernel]
+    # Triton on a machine without CUDA (and outside its interpreter): one line when the heads are built,
+    # not a Triton traceback at the first training step.
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(CompTError, match="ifd.kernel: triton needs a CUDA device"):
+            hf_decoder.ifd_heads(s, t, parse_chain({**raw, "ifd": {"kernel": "triton"}}).ifd)
 
 
 def test_clip_normalize_before_and_after_against_a_hand_computation():

@@ -107,7 +107,7 @@ def ifd_heads(cfg: dict, teacher_cfg: dict, ifd) -> list[torch.nn.Module]:
     dims = zip(feature_dims(cfg), feature_dims(teacher_cfg), strict=True)
     if ifd.normalize == "before":
         return [UnitIFDProjection(d_s, d_t) for d_s, d_t in dims]
-    return [IFDProjection(d_s, d_t, impl=None if ifd.kernel == "auto" else ifd.kernel) for d_s, d_t in dims]
+    return [IFDProjection(d_s, d_t, impl=ifd.kernel) for d_s, d_t in dims]
 
 
 def _embed(model, batch):

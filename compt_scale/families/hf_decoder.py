@@ -263,8 +263,7 @@ def ifd_heads(config, teacher_config, ifd) -> list[torch.nn.Module]:
     """T for the one stream (the final hidden state): the fused IFD kernel's projection
     (`ifd.normalize` is a CLIP setting; hidden states are not normalized)."""
     from ..kernels import IFDProjection
-    impl = None if ifd.kernel == "auto" else ifd.kernel
-    return [IFDProjection(d_s, d_t, impl=impl)
+    return [IFDProjection(d_s, d_t, impl=ifd.kernel)
             for d_s, d_t in zip(feature_dims(config), feature_dims(teacher_config), strict=True)]
 
 

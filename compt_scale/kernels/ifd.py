@@ -18,23 +18,25 @@ Gradient convention with `group` (read this before wiring it into a trainer):
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import CompTError
 from .reference import reference_sse
 
 
 def _local_sse(student, teacher, weight, bias, impl, triton_mode):
-    if impl is None:
+    if impl in (None, "auto"):
         impl = "triton" if student.is_cuda else "reference"
     if impl == "reference":
         return reference_sse(student, teacher, weight, bias)
     if impl == "triton":
         from .triton_ifd import triton_sse  # lazy: importing triton costs time and reads env vars
         return triton_sse(student, teacher, weight, bias, triton_mode)
-    raise ValueError(f"fused_ifd_loss: impl must be 'triton', 'reference' or None, got {impl!r}")
+    raise ValueError(f"fused_ifd_loss: impl must be 'auto' (or None), 'triton' or 'reference', got {impl!r}")
 
 
 def fused_ifd_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
@@ -44,8 +46,8 @@ def fused_ifd_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.T
     """alpha * mean((student @ weight.T + bias - teacher)**2) as an fp32 scalar (fp64 for fp64 inputs).
 
     student [N, d_s], teacher [N, d_t], weight [d_t, d_s], bias [d_t] or None. Differentiable w.r.t.
-    student, weight and bias; the teacher is detached. `impl`: None (Triton on CUDA tensors, the
-    reference elsewhere), "triton" or "reference". `group`: see the module docstring for the exact
+    student, weight and bias; the teacher is detached. `impl`: "auto" or None (Triton on CUDA tensors,
+    the reference elsewhere), "triton" or "reference". `group`: see the module docstring for the exact
     value and the gradient convention (`grad_reduce` "mean" or "sum"). `triton_mode`:
     "recompute" (default: backward recomputes Y chunk by chunk, 4 GEMMs) or "precompute" (forward
     computes the gradients too, 3 GEMMs, one backward only); see triton_ifd._TritonSSE.
@@ -111,6 +113,11 @@ class IFDProjection(nn.Module):
         super().__init__()
         if init not in ("identity", "default"):
             raise ValueError(f"IFDProjection: init must be 'identity' or 'default', got {init!r}")
+        if impl not in (None, "auto", "triton", "reference"):
+            raise ValueError(f"IFDProjection: impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+        if impl == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            # Here, not at the first training step: a spec's `ifd.kernel: triton` on a CPU box is one line.
+            raise CompTError("ifd.kernel: triton needs a CUDA device (or TRITON_INTERPRET=1); use auto or reference")
         self.d_student, self.d_teacher = d_student, d_teacher
         self.impl, self.grad_reduce, self.triton_mode = impl, grad_reduce, triton_mode
         # Parameters are created and initialized in this __init__ (no inner nn.Linear): under
