@@ -258,7 +258,8 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     if growth_report is not None and rank == 0:
         (stage_dir / "growth.json").write_text(json.dumps(growth_report, indent=2, default=str))
     if teacher is not None:
-        heads = family.ifd_heads(cfg, t_cfg, ifd)
+        heads = weights.build_ifd_heads(family, cfg, t_cfg, ifd, ds_config) if family.partitioned_io \
+            else family.ifd_heads(cfg, t_cfg, ifd)
     universal = _universal_tag(ckpt_dir, resume_tag, saved, world, train, ds_config, rank, name)
     samples_per_step = samples_per_step_of(spec, stage, world, train)
     macs = family.stage_macs(cfg, teacher.config if teacher else None, spec, samples_per_step)

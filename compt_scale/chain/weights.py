@@ -83,6 +83,18 @@ def build_student(family, cfg, seed: int, ds_config: dict):
     return family.build(cfg, seed)
 
 
+def build_ifd_heads(family, cfg, t_cfg, ifd, ds_config: dict) -> list:
+    """The IFD projections T, made the way the student was: under ZeRO-3 inside deepspeed.zero.Init
+    (partitioned, in the engine's dtype). DeepSpeed casts a module to bf16 only when none of its
+    parameters is partitioned yet, so T built whole beside a partitioned student would stay fp32 and
+    ZeRO-3's flat bf16 buffer would refuse it."""
+    if not is_zero3(ds_config):
+        return family.ifd_heads(cfg, t_cfg, ifd)
+    import deepspeed
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        return family.ifd_heads(cfg, t_cfg, ifd)
+
+
 def fill_from(model, source_dir: Path, src_cfg, cfg, width: str, depth: str) -> dict:
     """Grow (or, for an equal config, copy) the HF checkpoint at source_dir into the live model.
 
