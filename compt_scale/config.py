@@ -66,6 +66,14 @@ class ImageTextDataSpec(DataSpec):
     num_samples: int = 20000          # "shapes": how many image-caption pairs to render
 
 
+# The family registry's torch-free half: family name -> (the module holding its FAMILY, its `data:`
+# section). It lives here, at the bottom, so parsing a spec imports nothing above config;
+# families.register_family adds to it (a family can be registered from outside the package).
+FAMILY_MODULES: dict[str, str] = {"hf_decoder": "compt_scale.families.hf_decoder",
+                                  "open_clip": "compt_scale.families.clip_family"}
+DATA_SPECS: dict[str, type[DataSpec]] = {"hf_decoder": TextDataSpec, "open_clip": ImageTextDataSpec}
+
+
 @dataclass
 class TrainSpec:
     micro_batch_size: int = 8
@@ -417,7 +425,6 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
             out.append(st)
         return out
 
-    from .families import DATA_SPECS
     family = _coerce(raw.get("family", "hf_decoder"), "str", "spec.family")
     if family not in DATA_SPECS:
         raise CompTError(f"spec.family: unknown family {family!r} (known: {', '.join(DATA_SPECS)})")
@@ -463,9 +470,8 @@ def validate_chain(spec: ChainSpec) -> None:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise CompTError(f"stages: duplicate stage name(s): {', '.join(sorted(dup))}")
-    from .families import FAMILIES
-    if spec.family not in FAMILIES:
-        raise CompTError(f"spec.family: unknown family {spec.family!r} (known: {', '.join(FAMILIES)})")
+    if spec.family not in FAMILY_MODULES:
+        raise CompTError(f"spec.family: unknown family {spec.family!r} (known: {', '.join(FAMILY_MODULES)})")
     for i, s in enumerate(spec.stages):
         if s.grow_to and spec.family != "hf_decoder":
             raise CompTError(f"stages[{i}].grow_to: derived targets are for hf_decoder chains; give model:")

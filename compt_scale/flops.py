@@ -113,14 +113,14 @@ def _tower_layer(width: int, mlp_ratio: float, tokens: int) -> tuple[int, int]:
     return tokens * (4 * width * width + 2 * width * mlp) + attention, attention
 
 
-def clip_macs(model, image_size=None, captions: int = 4) -> dict:
+def clip_macs(cfg: dict, image_size=None, captions: int = 4) -> dict:
     """MACs of one CLIP training sample in the paper's convention (Table G): 1 image + M captions.
 
     Supports open_clip's own ViT image tower and text transformer (not timm/HF towers, not ResNets,
     not attentional pooling); patch dropout is assumed off.
     """
-    from .families.clip import load_model_config
-    cfg = load_model_config(model)
+    if not isinstance(cfg, dict) or "vision_cfg" not in cfg:
+        raise CompTError("clip_macs needs an open_clip model-config dict (families.clip.load_model_config)")
     v, t, embed = dict(cfg["vision_cfg"]), dict(cfg["text_cfg"]), int(cfg["embed_dim"])
     if captions < 1:
         raise CompTError(f"--captions must be >= 1, got {captions}")

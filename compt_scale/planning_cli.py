@@ -83,7 +83,8 @@ def _macs(args) -> int:
         captions = 4 if args.captions is None else args.captions
         if args.image_size is not None and args.image_size <= 0:
             raise CompTError(f"--image-size must be positive, got {args.image_size}")
-        m = clip_macs(args.model, image_size=args.image_size, captions=captions)
+        from .families.clip import load_model_config
+        m = clip_macs(load_model_config(args.model), image_size=args.image_size, captions=captions)
         train = m["forward_per_sample"] + m["backward_per_sample"]
         h, w = m["image_size"]
         print(f"model          {args.model} (CLIP; a sample = 1 image {h}x{w} + {captions} captions)")

@@ -14,6 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from compt_scale.errors import CompTError
+from compt_scale.families.clip import load_model_config
 from compt_scale.families.hf_decoder import build, load_config
 from compt_scale.flops import clip_macs, decoder_macs, stage_macs
 
@@ -108,7 +109,7 @@ def test_clip_macs_match_flop_counter(label, cfg, captions):
 
 def test_vit_b16_image_tower_matches_the_usual_figure():
     # ViT-B/16 at 224 is commonly quoted at ~17.6 GMACs; the text tower adds the same per caption.
-    m = clip_macs("ViT-B-16", captions=4)
+    m = clip_macs(load_model_config("ViT-B-16"), captions=4)
     assert abs(m["image_forward"] / 1e9 - 17.56) < 0.05
     assert m["forward_per_sample"] == m["image_forward"] + 4 * m["text_forward_per_caption"]
 
@@ -132,8 +133,8 @@ def test_bad_inputs_raise_compterror():
     with pytest.raises(CompTError):
         decoder_macs(load_config("llama-xs"), 0)
     with pytest.raises(CompTError):
-        clip_macs("ViT-B-16-SigLIP")  # timm image tower
+        clip_macs(load_model_config("ViT-B-16-SigLIP"))  # timm image tower
     with pytest.raises(CompTError):
-        clip_macs("no-such-clip-model")
+        clip_macs(load_model_config("no-such-clip-model"))
     with pytest.raises(CompTError):
-        clip_macs("ViT-B-16", captions=0)
+        clip_macs(load_model_config("ViT-B-16"), captions=0)

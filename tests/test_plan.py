@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from compt_scale.chain import planner
-from compt_scale.chain.planner import fill_budgets, format_plan, plan_rows, plan_summary
+from compt_scale.chain.planner import format_plan, plan_rows, plan_summary, with_budgets
 from compt_scale.chain.resolve import resolve
 from compt_scale.cli import main
 from compt_scale.config import parse_chain as parse_only
@@ -63,8 +63,7 @@ def test_budget_three_models_hand_computed():
     spec = parse_chain(spec_raw(budget={"baseline_tokens": 4_000_000, "target_speedup": target}))
     assert [s.tokens for s in spec.stages] == expected
     rows = plan_rows(spec)
-    costs = [planner.stage_cost(spec, st, st.tokens, spec.stages[i - 1] if i else None)["macs"]
-             for i, st in enumerate(spec.stages)]
+    costs = [planner.stage_cost(spec, st, st.tokens)["macs"] for st in spec.stages]
     assert [r["macs"] for r in rows[:3]] == costs and rows[2]["accumulated_macs"] == sum(costs)
     assert rows[1]["teacher_macs"] > 0 and rows[0]["teacher_macs"] == 0
     s = plan_summary(spec, rows)
@@ -97,11 +96,16 @@ def test_rule1_tokens_per_param_band(tokens, expect):
         assert (tpp < 5) == (expect == "smaller model") and (tpp > 80) == (expect == "larger model")
 
 
-def test_fill_is_idempotent_and_conflicts_are_errors():
+def test_fill_is_idempotent_pure_and_conflicts_are_errors():
     spec = parse_chain(spec_raw())
     before = [s.tokens for s in spec.stages]
-    fill_budgets(spec)
-    assert [s.tokens for s in spec.stages] == before
+    assert [s.tokens for s in with_budgets(spec).stages] == before
+    raw_spec = parse_only(spec_raw())
+    assert all(s.tokens is None for s in raw_spec.stages)
+    filled = with_budgets(raw_spec)
+    # a new value: the parsed spec is never changed, and holds no planner caches
+    assert all(s.tokens is None for s in raw_spec.stages) and [s.tokens for s in filled.stages] == before
+    assert not any(k.startswith("_") for k in vars(raw_spec))
     raw = spec_raw()
     raw["stages"][1]["tokens"] = 12_345
     with pytest.raises(CompTError, match=r"stages\[1\]\.tokens"):

@@ -17,52 +17,35 @@ from ..flops import human
 TARGET_TOLERANCE = 0.05  # how far (relative) step rounding may move the predicted speedup off target
 
 
-def _config(spec, stage):
-    cache = spec.__dict__.setdefault("_planner_configs", {})  # presets are parsed once per spec
-    if stage.model not in cache:
-        cache[stage.model] = get_family(spec.family).plan_config(spec, stage)
-    return cache[stage.model]
+def _plan(spec, stage, world: int | None = None, tokens: int | None = None):
+    from .plan import plan_stage
+    return plan_stage(spec, stage.name, world, tokens=tokens)
 
 
 def samples_per_step(spec, stage, world: int | None = None, train=None) -> int:
-    """Samples in one optimizer step of `stage` on `world` ranks (default: the spec's nproc). The
-    stage runner counts its steps with this same function; `train` overrides the spec's TrainSpec
-    (a resume on another world size re-splits grad_accum)."""
+    """Samples in one optimizer step of `stage` on `world` ranks (default: the spec's nproc)."""
     t = train or spec.train_for(stage)
     return t.micro_batch_size * t.grad_accum * (spec.nproc if world is None else world)
 
 
-def tokens_per_step(spec, stage, world: int | None = None, train=None) -> int:
+def tokens_per_step(spec, stage, world: int | None = None) -> int:
     """Budget units (decoders: tokens; CLIP: image-caption pairs) consumed by one optimizer step."""
-    return samples_per_step(spec, stage, world, train) * get_family(spec.family).tokens_per_sample(spec)
+    return samples_per_step(spec, stage, world) * get_family(spec.family).tokens_per_sample(spec)
 
 
-def steps_for(spec, stage, tokens: int, world: int | None = None, train=None) -> int:
-    """Optimizer steps that cover `tokens` (at least one); 0 for an `init:` model used as-is."""
-    if tokens == 0:
-        return 0
-    return max(1, math.ceil(tokens / tokens_per_step(spec, stage, world, train)))
-
-
-def stage_cost(spec, stage, tokens: int, teacher=None, world: int | None = None) -> dict:
-    """stage_macs for `stage` trained on `tokens` (teacher: the predecessor StageSpec, or None)."""
-    t_cfg = _config(spec, teacher) if teacher is not None else None
-    # The family's per-step cost (the stage runner's own accounting) times the number of steps.
-    per_step = get_family(spec.family).stage_macs(_config(spec, stage), t_cfg, spec,
-                                                  samples_per_step(spec, stage, world))
-    steps = steps_for(spec, stage, tokens, world)
-    return {k: v * steps for k, v in per_step.items() if k in ("train_macs", "teacher_macs", "macs")}
-
-
-def teacher_of(spec, i: int):
-    """The stage whose forwards stage i pays for: its predecessor, unless IFD is off for it (then the
-    predecessor only initializes the weights, as in the stage runner, and costs nothing per token)."""
-    return spec.stages[i - 1] if i and spec.ifd_for(spec.stages[i]).enabled else None
+def stage_cost(spec, stage, tokens: int, world: int | None = None) -> dict:
+    """MACs of `stage` trained on `tokens`, teacher forwards included when its plan has a teacher
+    (IFD on: the predecessor only initializing the weights costs nothing per token)."""
+    return _plan(spec, stage, world, tokens).cost()
 
 
 def baseline_cost(spec, tokens: int) -> dict:
     """The largest chain model trained independently (no teacher) for `tokens`."""
-    return stage_cost(spec, spec.stages[-1], tokens)
+    fam, largest = get_family(spec.family), spec.stages[-1]
+    samples = samples_per_step(spec, largest)
+    per_step = fam.stage_macs(fam.plan_config(spec, largest), None, spec, samples)
+    steps = 0 if tokens == 0 else max(1, math.ceil(tokens / (samples * fam.tokens_per_sample(spec))))
+    return {k: v * steps for k, v in per_step.items() if k in ("train_macs", "teacher_macs", "macs")}
 
 
 def budget_weights(n: int) -> list[int]:
@@ -73,8 +56,9 @@ def budget_weights(n: int) -> list[int]:
     return [n + 1 - i for i in range(1, n)]
 
 
-def fill_budgets(spec) -> None:
-    """Set every chain stage's `tokens` from `spec.budget` (rule 3), in place.
+def resolve_budgets(spec) -> tuple[list[int], dict[str, str]]:
+    """Rule 3: every chain stage's tokens from `spec.budget` (the spec is not changed), and what set
+    each one. Returns (tokens per chain stage, {stage name: basis}).
 
     m1 (the first, smallest model) gets the standard budget, budget.baseline_tokens, as individual
     training would (the paper trains ViT-T for the baseline's 128 epochs). The grown models i = 1..n-1
@@ -82,63 +66,79 @@ def fill_budgets(spec) -> None:
     the chain's predicted MACs = baseline cost / target_speedup, where the baseline is the largest
     model trained alone on budget.baseline_tokens (the paper's "relax the ratio and scale every
     model's epochs proportionally" is exactly a change of s). Each grown model's budget is then rounded
-    to whole optimizer steps; the target is infeasible (CompTError) when m1 alone already costs the target,
-    when a stage would get less than one step, or when the rounded plan's speedup is more than
-    TARGET_TOLERANCE off the target. Baselines without tokens get baseline_tokens. Idempotent: a stage
-    may already carry the value this function would set (a resolved spec re-validated), but any other
-    explicit value is an error.
+    to whole optimizer steps; the target is infeasible (CompTError) when m1 alone already costs the
+    target, when a stage would get less than one step, or when the rounded plan's speedup is more than
+    TARGET_TOLERANCE off the target. An explicit stage `tokens` other than the filled value is an error.
     """
-    b = spec.budget
-    if b is None:
-        return
-    n = len(spec.stages)
+    b, n = spec.budget, len(spec.stages)
     target = baseline_cost(spec, b.baseline_tokens)["macs"] / b.target_speedup
-    first = spec.stages[0]
-    filled = [b.baseline_tokens]  # exactly the baseline's budget: the same steps as individual training
-    basis = {first.name: "rule 3: m1 gets the standard budget (budget.baseline_tokens)"}
-    first_cost = stage_cost(spec, first, filled[0])["macs"]
+    first_cost = stage_cost(spec, spec.stages[0], b.baseline_tokens)["macs"]
     if n > 1 and first_cost >= target:
         raise CompTError(
-            f"budget.target_speedup: {b.target_speedup:g}x is infeasible: the first model {first.name!r} alone "
-            f"on the standard budget costs {human(first_cost)} MACs, more than the target's {human(target)}; "
+            f"budget.target_speedup: {b.target_speedup:g}x is infeasible: the first model {spec.stages[0].name!r} "
+            f"alone on the standard budget costs {human(first_cost)} MACs, more than the target's {human(target)}; "
             f"lower the target or start the chain with a smaller model")
     # Cost is linear in tokens on whole steps: per-token cost = cost of one step / tokens of one step.
+    tps = [tokens_per_step(spec, st) for st in spec.stages]
+    per_token = [stage_cost(spec, st, tps[i])["macs"] / tps[i] for i, st in enumerate(spec.stages) if i]
     weights = budget_weights(n)
-    per_token = []
-    for i, st in enumerate(spec.stages[1:], start=1):
-        tps = tokens_per_step(spec, st)
-        per_token.append(stage_cost(spec, st, tps, teacher_of(spec, i))["macs"] / tps)
     scale = (target - first_cost) / sum(w * c for w, c in zip(weights, per_token, strict=True)) if n > 1 else 0
-    for st, w in zip(spec.stages[1:], weights, strict=True):
-        tps = tokens_per_step(spec, st)
-        steps = round(scale * w / tps)
+    filled = [b.baseline_tokens]   # exactly the baseline's budget: the same steps as individual training
+    basis = {spec.stages[0].name: "rule 3: m1 gets the standard budget (budget.baseline_tokens)"}
+    for st, w, step_tokens in zip(spec.stages[1:], weights, tps[1:], strict=True):
+        steps = round(scale * w / step_tokens)
         if steps < 1:
             raise CompTError(
                 f"budget.target_speedup: {b.target_speedup:g}x is infeasible: stage {st.name!r} would get "
-                f"{scale * w:.0f} tokens, less than one optimizer step ({tps} tokens); lower the target "
+                f"{scale * w:.0f} tokens, less than one optimizer step ({step_tokens} tokens); lower the target "
                 f"or raise budget.baseline_tokens")
-        filled.append(steps * tps)
-        basis[st.name] = (f"rule 3: linear decrease, {w} x {scale:,.0f} tokens (scale solved for "
-                          f"{b.target_speedup:g}x)")
-    # Rounding to whole steps moves the cost; when budgets are only a few steps long that can miss
-    # the target badly, and a plan far from what was asked for is not the plan that was asked for.
-    cost = sum(stage_cost(spec, st, tok, teacher_of(spec, i))["macs"]
-               for i, (st, tok) in enumerate(zip(spec.stages, filled, strict=True)))
-    got = target * b.target_speedup / cost
-    if abs(got / b.target_speedup - 1) > TARGET_TOLERANCE:
-        steps = ", ".join(str(t // tokens_per_step(spec, st)) for t, st in zip(filled, spec.stages, strict=True))
-        raise CompTError(
-            f"budget.target_speedup: {b.target_speedup:g}x is infeasible at whole optimizer steps: the "
-            f"closest plan ({steps} steps) gives {got:.2f}x; raise budget.baseline_tokens or lower the target")
+        filled.append(steps * step_tokens)
+        basis[st.name] = f"rule 3: linear decrease, {w} x {scale:,.0f} tokens (scale solved for {b.target_speedup:g}x)"
+    _check_rounding(spec, filled, tps, target)
     for i, (st, tokens) in enumerate(zip(spec.stages, filled, strict=True)):
         if st.tokens is not None and st.tokens != tokens:
             raise CompTError(f"stages[{i}].tokens: {st.tokens} given together with budget: (which sets "
                              f"{tokens}); give one or the other")
-        st.tokens = tokens
-    for st in spec.baselines:
-        if st.tokens is None:
-            st.tokens = b.baseline_tokens
-    spec.__dict__["_budget_basis"] = basis
+    return filled, basis
+
+
+def _check_rounding(spec, filled: list[int], tps: list[int], target: float) -> None:
+    """Rounding to whole steps moves the cost; when budgets are only a few steps long that can miss
+    the target badly, and a plan far from what was asked for is not the plan that was asked for."""
+    b = spec.budget
+    cost = sum(stage_cost(spec, st, tok)["macs"] for st, tok in zip(spec.stages, filled, strict=True))
+    got = target * b.target_speedup / cost
+    if abs(got / b.target_speedup - 1) > TARGET_TOLERANCE:
+        steps = ", ".join(str(t // s) for t, s in zip(filled, tps, strict=True))
+        raise CompTError(
+            f"budget.target_speedup: {b.target_speedup:g}x is infeasible at whole optimizer steps: the "
+            f"closest plan ({steps} steps) gives {got:.2f}x; raise budget.baseline_tokens or lower the target")
+
+
+def with_budgets(spec):
+    """The spec with every budget filled from `budget:` (a new value; `spec` is not changed)."""
+    from dataclasses import replace
+    if spec.budget is None:
+        return spec
+    filled, _ = resolve_budgets(spec)
+    stages = [replace(st, tokens=t) for st, t in zip(spec.stages, filled, strict=True)]
+    baselines = [st if st.tokens is not None else replace(st, tokens=spec.budget.baseline_tokens)
+                 for st in spec.baselines]
+    return replace(spec, stages=stages, baselines=baselines)
+
+
+def budget_basis(spec) -> dict[str, str]:
+    """What set each chain stage's tokens (for `plan`'s "what set each number")."""
+    if spec.budget is None:
+        return {}
+    stripped = _without_filled_tokens(spec)
+    return resolve_budgets(stripped)[1]
+
+
+def _without_filled_tokens(spec):
+    """A resolved spec carries rule 3's values; re-deriving the basis must not see them as explicit."""
+    from dataclasses import replace
+    return replace(spec, stages=[replace(st, tokens=None) for st in spec.stages])
 
 
 # Rule 1 (the smallest model sized to the data): for decoders, the compute-optimal data scale is
@@ -174,47 +174,47 @@ def _check_tokens(spec) -> None:
 
 
 def plan_rows(spec, world: int | None = None) -> list[dict]:
-    """One dict per chain stage (kind 'chain') then per baseline (kind 'baseline'), as `stage` runs
-    them on `world` ranks (default: the spec's nproc; budgets are filled for the spec's nproc).
+    """One dict per chain stage (kind 'chain') then per baseline (kind 'baseline'), read from the
+    stages' plans on `world` ranks (default: the spec's nproc; budgets are filled for the spec's nproc).
 
     Chain rows: name, model, params, ratio (params / predecessor's params, None first), tokens, steps,
     train_macs, teacher_macs, macs, accumulated_macs, warnings, basis (which rule set the budget).
     Baseline rows: the same without ratio and teacher (teacher_macs 0, accumulated_macs None).
     """
-    param_count = get_family(spec.family).param_count
-
-    if spec.budget is not None and any(st.tokens is None for st in spec.stages):
-        fill_budgets(spec)
+    from .plan import plan_stage
+    basis = budget_basis(spec)
+    spec = with_budgets(spec)
     _check_tokens(spec)
-    basis = spec.__dict__.get("_budget_basis", {})
     rows, acc, prev_params = [], 0, None
     for i, st in enumerate(spec.stages):
-        teacher = teacher_of(spec, i)
-        params = param_count(_config(spec, st))
-        cost = stage_cost(spec, st, st.tokens, teacher, world)
-        acc += cost["macs"]
-        ratio = params / prev_params if prev_params else None
-        warnings = []
-        used_as_is = st.tokens == 0   # an init: model: neither trained nor sized by this chain
-        if i == 0 and not used_as_is and (w := rule1_warning(spec.family, st.tokens, params)):
-            warnings.append(w)
-        if ratio is not None and not 2.0 <= ratio <= 4.0:
-            warnings.append(f"expansion ratio {ratio:.2f}x from {spec.stages[i - 1].name!r} is outside the paper's "
-                            f"2x-4x (rule 2)")
-        steps = steps_for(spec, st, st.tokens, world)
-        if not used_as_is and steps <= spec.train_for(st).warmup_steps:
-            warnings.append(f"{steps} steps do not get past warmup ({spec.train_for(st).warmup_steps} steps)")
-        rows.append(dict(kind="chain", name=st.name, model=st.model, params=params, ratio=ratio,
-                         tokens=st.tokens, steps=steps, **cost, accumulated_macs=acc, warnings=warnings,
+        plan = plan_stage(spec, st.name, world)
+        acc += plan.cost()["macs"]
+        ratio = plan.params / prev_params if prev_params else None
+        rows.append(dict(kind="chain", name=st.name, model=st.model, params=plan.params, ratio=ratio,
+                         tokens=plan.tokens, steps=plan.steps, **plan.cost(), accumulated_macs=acc,
+                         warnings=_warnings(spec, i, plan, ratio),
                          basis=basis.get(st.name, "spec: stages[].tokens")))
-        prev_params = params
+        prev_params = plan.params
     for st in spec.baselines:
-        cost = stage_cost(spec, st, st.tokens, world=world)
-        rows.append(dict(kind="baseline", name=st.name, model=st.model, params=param_count(_config(spec, st)),
-                         ratio=None, tokens=st.tokens, steps=steps_for(spec, st, st.tokens, world), **cost,
-                         accumulated_macs=None, warnings=[],
+        plan = plan_stage(spec, st.name, world)
+        rows.append(dict(kind="baseline", name=st.name, model=st.model, params=plan.params, ratio=None,
+                         tokens=plan.tokens, steps=plan.steps, **plan.cost(), accumulated_macs=None, warnings=[],
                          basis="budget.baseline_tokens" if spec.budget else "spec: baselines[].tokens"))
     return rows
+
+
+def _warnings(spec, i: int, plan, ratio: float | None) -> list[str]:
+    """The paper's rules 1 and 2, and a budget that never leaves warmup."""
+    warnings = []
+    used_as_is = plan.tokens == 0   # an init: model: neither trained nor sized by this chain
+    if i == 0 and not used_as_is and (w := rule1_warning(spec.family, plan.tokens, plan.params)):
+        warnings.append(w)
+    if ratio is not None and not 2.0 <= ratio <= 4.0:
+        warnings.append(f"expansion ratio {ratio:.2f}x from {spec.stages[i - 1].name!r} is outside the paper's "
+                        f"2x-4x (rule 2)")
+    if not used_as_is and plan.steps <= plan.train.warmup_steps:
+        warnings.append(f"{plan.steps} steps do not get past warmup ({plan.train.warmup_steps} steps)")
+    return warnings
 
 
 def plan_summary(spec, rows: list[dict] | None = None) -> dict:
@@ -226,6 +226,7 @@ def plan_summary(spec, rows: list[dict] | None = None) -> dict:
     against the chain, which yields all of them too.
     """
     rows = rows if rows is not None else plan_rows(spec)
+    spec = with_budgets(spec)
     chain = [r for r in rows if r["kind"] == "chain"]
     bases = [r for r in rows if r["kind"] == "baseline"]
     total = chain[-1]["accumulated_macs"]
@@ -250,6 +251,7 @@ def format_plan(spec, world: int | None = None) -> str:
     """The `compt-scale plan` table for `world` ranks per stage (default: the spec's nproc)."""
     rows = plan_rows(spec, world)
     s = plan_summary(spec, rows)
+    spec = with_budgets(spec)
     head = f"{'stage':<14}{'model':<16}{'params':>10}{'ratio':>8}{'tokens':>14}{'steps':>8}" \
            f"{'train MACs':>12}{'teacher':>10}{'MACs':>10}{'accum.':>10}"
     unit = f"budgets in {get_family(spec.family).budget_unit}"

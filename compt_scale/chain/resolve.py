@@ -9,12 +9,12 @@ from ..config import ChainSpec, load_chain
 
 
 def resolve(spec: ChainSpec) -> ChainSpec:
-    """Model-level checks and budget filling, in place; idempotent. Returns the spec."""
+    """Model-level checks, then the spec with its budgets filled (a new value; `spec` is unchanged).
+    Idempotent."""
     from ..families import get_family
-    from .planner import fill_budgets
+    from .planner import with_budgets
     get_family(spec.family).validate_chain(spec)
-    fill_budgets(spec)   # no-op without budget:
-    return spec
+    return with_budgets(spec)
 
 
 def load_resolved(path: str | Path) -> ChainSpec:

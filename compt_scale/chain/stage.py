@@ -1,7 +1,8 @@
 """One stage of a chain (what `compt-scale stage` and each SLURM job run):
 
-teacher = export of the predecessor, frozen -> student = family.build(config) -> weights = grow(teacher)
--> train on DeepSpeed with task + IFD -> export HF dir + metrics, manifest updated.
+plan (chain/plan.py: every decision, made once) -> materialize the student, grown from its source,
+and the frozen teacher (the family's ModelIO) -> train on DeepSpeed with task + IFD -> export through
+the family's one export path -> manifest updated.
 """
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import os
 import shutil
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,12 +23,13 @@ from ..errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, CompTError
 from ..families import get_family
 from ..train import preemption
 from ..train.checkpoint import KEEP_CHECKPOINTS
-from ..train.distributed import device, init_distributed
+from ..train.distributed import init_distributed
+from ..train.ds_config import describe
 from .diskspace import check_free_space, free_space, out_of_space
-from .lock import StageLock
+from .lock import StageLock, heartbeat
 from .manifest import Manifest
-from .planner import samples_per_step as samples_per_step_of
-from .planner import steps_for
+from .memory_log import record_memory
+from .plan import StagePlan, plan_stage
 
 
 def data_dir_for(spec: ChainSpec, out: Path) -> Path:
@@ -52,16 +56,6 @@ def _loading(name: str, export: Path, load, what: str = "predecessor export"):
         return load()
     except (CompTError, OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise CompTError(f"stage {name}: cannot load {what} {export}: {str(e).splitlines()[0]}") from None
-
-
-def memory_needs(family, spec, train, cfg, teacher_cfg, n_params: int, world: int) -> list:
-    """Per-GPU need of each preset (train/memory.py), from which `zero_stage: auto` picks."""
-    from ..train import memory
-    towers, largest = family.memory_shape(cfg, spec)
-    acts = memory.activations(towers, train.micro_batch_size, train.activation_checkpointing)
-    t_params = family.param_count(teacher_cfg) if teacher_cfg is not None else 0
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return memory.needs(n_params, largest, world, per_node, acts, t_params)
 
 
 def _drop_startup_leftovers(stage_dir: Path) -> None:
@@ -181,118 +175,109 @@ def _universal_tag(ckpt_dir, tag, saved, world, train, ds_config, rank, name) ->
 
 
 def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
-    from ..grow import grow_state
-    from ..grow.registry import plan
-    from ..train.checkpoint import candidates, gather_student_state
-    from ..train.ds_config import build_ds_config, describe
+    """plan -> materialize the student (and teacher) -> train -> export -> record."""
     from ..train.loop import LoopConfig, train_stage
-    from ..train.objective import FrozenTeacher, StudentWithIFD
-    from ..train.world_size_resume import read_geometry, resplit
-    from . import weights
-
-    stage = spec.stage(name)
+    from ..train.objective import StudentWithIFD
     family = get_family(spec.family)
-    weights.record_memory(stage_dir, rank, "start")   # the imports' peak: the baseline of the others
+    record_memory(stage_dir, rank, "start")   # the imports' peak: the baseline of the others
     data_dir = family.prepare(spec, data_dir_for(spec, out))
     preemption.check_startup("data preparation")  # a collective: also the barrier after preparation
     if rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
         manifest.update_stage(name, status="running", error=None, world_size=world,
                               job_id=os.environ.get("SLURM_JOB_ID"))
-    cfg = family.model_config(spec, stage, data_dir)
-    train, ifd, growth = spec.train_for(stage), spec.ifd_for(stage), spec.growth_for(stage)
-    dtype = torch.bfloat16 if train.precision == "bf16" else torch.float32
-    seed = spec.seed + 1000 * (spec.index(name) + 1)
-    pred, export = predecessor_export(spec, name, out)
-    teacher, heads, t_cfg, growth_report = None, None, None, None
-    # Resuming on another world size keeps the checkpoint's global batch: grad_accum is re-split.
-    ckpt_dir = stage_dir / "checkpoints"
-    resume_tag = (candidates(ckpt_dir) or [None])[0] if resume else None
-    saved = read_geometry(ckpt_dir / resume_tag, train) if resume_tag else None
-    train = resplit(saved, world, train, ckpt_dir / str(resume_tag))
-    steps = steps_for(spec, stage, stage.tokens, world, train)
-    if family.partitioned_io:
-        # Built partitioned under ZeRO-3, then filled one parameter at a time from safetensors.
-        source = export or (Path(stage.init) if stage.init else None)
-        what = "predecessor export" if export else "init: model"
-        if source is not None:
-            t_cfg = _loading(name, source, lambda: family.load_config(str(source)), what)
-            width, depth = growth.width, growth.depth   # an init: of the stage's own size is copied
-            # e.g. clone unties tied embeddings: the student must be built with the grown config.
-            for k, v in plan(t_cfg, cfg, [], width, depth)[1]["config_changes"].items():
-                setattr(cfg, k, v)
-        n_params = family.param_count(cfg)
-        candidates = memory_needs(family, spec, train, cfg, t_cfg if export else None, n_params, world)
-        ds_config = build_ds_config(n_params, train, world, candidates=candidates)
-        if train.ds_config is None:
-            ds_config = weights.fit_zero3_buckets(ds_config, max(family.feature_dims(cfg)))
-        student = weights.build_student(family, cfg, seed, ds_config)
-        weights.record_memory(stage_dir, rank, "built", student)
-        if source is not None:
-            growth_report = _loading(
-                name, source, lambda: weights.fill_from(student, source, t_cfg, cfg, width, depth), what)
-            weights.record_memory(stage_dir, rank, "grown", student)
-        if export is not None and ifd.enabled:
-            t_model, partitioned = _loading(name, export, lambda: weights.load_teacher(family, export, dtype,
-                                                                                       ds_config))
-            teacher = FrozenTeacher(family, t_model, dtype, device(), partitioned=partitioned)
-        t_cfg = t_cfg if export else None
-    else:
-        student = family.build(cfg, seed=seed)
-        if export is not None:
-            teacher_model = _loading(name, export, lambda: family.load_export(export))
-            t_cfg = family.config_of(teacher_model)
-            grown, growth_report = grow_state(teacher_model.state_dict(), t_cfg, cfg, student.state_dict(),
-                                              width=growth.width, depth=growth.depth)
-            student.load_state_dict(grown)
-            del grown
-            if ifd.enabled:
-                teacher = FrozenTeacher(family, teacher_model, dtype, device())
-        n_params = sum(p.numel() for p in student.parameters())
-        candidates = memory_needs(family, spec, train, cfg, t_cfg if export else None, n_params, world)
-        ds_config = build_ds_config(n_params, train, world, candidates=candidates)
-    if train.activation_checkpointing:
-        family.enable_activation_checkpointing(student)
-    preemption.check_startup("model build and growth")
-    check_free_space(stage_dir, n_params, keep=KEEP_CHECKPOINTS)
-    if growth_report is not None and rank == 0:
-        (stage_dir / "growth.json").write_text(json.dumps(growth_report, indent=2, default=str))
-    if teacher is not None:
-        heads = weights.build_ifd_heads(family, cfg, t_cfg, ifd, ds_config) if family.partitioned_io \
-            else family.ifd_heads(cfg, t_cfg, ifd)
-    universal = _universal_tag(ckpt_dir, resume_tag, saved, world, train, ds_config, rank, name)
-    samples_per_step = samples_per_step_of(spec, stage, world, train)
-    macs = family.stage_macs(cfg, teacher.config if teacher else None, spec, samples_per_step)
+    predecessor_export(spec, name, out)   # a finished predecessor, or one line
+    resume_at = _resume_point(stage_dir / "checkpoints", resume, spec.train_for(spec.stage(name)), world)
+    plan = plan_stage(spec, name, world, out=out, data_dir=data_dir, train=resume_at.train)
+    ds_config = plan.fresh_ds_config()
+    student, teacher, heads = _materialize(family, plan, ds_config, stage_dir, rank)
+    check_free_space(stage_dir, plan.params, keep=KEEP_CHECKPOINTS)
+    universal = _universal_tag(stage_dir / "checkpoints", resume_at.tag, resume_at.saved, world, plan.train,
+                               ds_config, rank, name)
     if rank == 0:
-        print(f"[{name}] {n_params / 1e6:.2f}M params, {steps} steps x {samples_per_step} samples, "
-              f"{describe(n_params, train, candidates)}, teacher: {pred.name if pred else 'none'}", flush=True)
-    loop_cfg = LoopConfig(stage=name, seed=spec.seed, steps=steps, family=family, spec=spec,
-                          tokens_per_sample=family.tokens_per_sample(spec), macs_per_step=macs["macs"],
-                          train=train, ifd=ifd, ds_config=ds_config, stage_dir=stage_dir, data_dir=data_dir,
-                          resume=resume, universal_tag=universal)
+        print(f"[{name}] {plan.params / 1e6:.2f}M params, {plan.steps} steps x {plan.samples_per_step} "
+              f"samples, {describe(plan.params, plan.train, list(plan.memory))}, teacher: "
+              f"{plan.source.stage if plan.teacher is not None and plan.source else 'none'}", flush=True)
+    loop_cfg = LoopConfig(stage=name, seed=spec.seed, steps=plan.steps, family=family, spec=spec,
+                          tokens_per_sample=family.tokens_per_sample(spec),
+                          macs_per_step=plan.macs_per_step["macs"], train=plan.train, ifd=plan.ifd,
+                          ds_config=ds_config, stage_dir=stage_dir, data_dir=data_dir, resume=resume,
+                          universal_tag=universal, heartbeat=heartbeat)
     result = train_stage(StudentWithIFD(family, student, heads), teacher, loop_cfg)
     engine = result.pop("engine")
-    weights.record_memory(stage_dir, rank, "trained")
-    if stage.init and steps == 0:
-        if rank == 0:
-            weights.export_as_is(Path(stage.init), data_dir / "tokenizer", stage_dir / "model")
-    elif family.partitioned_io:
-        weights.export_model(engine.module.student, dtype, data_dir / "tokenizer", stage_dir / "model",
-                             train.export_shard_bytes)
-    else:
-        state = gather_student_state(engine)
-        if rank == 0:
-            family.export(student, state, data_dir, stage_dir / "model")
-        del state
-    weights.record_memory(stage_dir, rank, "exported")
+    record_memory(stage_dir, rank, "trained")
+    _export(family, plan, engine, data_dir, stage_dir / "model", rank)
+    record_memory(stage_dir, rank, "exported")
     if rank == 0:
         torch.save(result["probe_logits"], stage_dir / "probe_logits.pt")
-        per_step_teacher = macs["teacher_macs"]
-        manifest.update_stage(
-            name, status="done", params=n_params, tokens=result["tokens"], steps=steps,
-            train_macs=(macs["macs"] - per_step_teacher) * steps, teacher_macs=per_step_teacher * steps,
-            macs=macs["macs"] * steps, final_val_loss=result["final_val_loss"], alpha=result["alpha"],
-            export=f"{name}/model", teacher=pred.name if pred else None, seconds=result["seconds"],
-            growth=growth.__dict__ if pred else None, zero_stage=ds_config["zero_optimization"]["stage"])
+        _record_done(manifest, plan, result, ds_config)
     dist.barrier()
     return result
+
+
+def _dtype(train) -> torch.dtype:
+    return torch.bfloat16 if train.precision == "bf16" else torch.float32
+
+
+def _materialize(family, plan: StagePlan, ds_config: dict, stage_dir: Path, rank: int):
+    """(student, frozen teacher or None, IFD heads or None), as the plan says, with the growth report
+    written to stage_dir/growth.json."""
+    from ..train.distributed import device
+    from ..train.objective import FrozenTeacher
+    io, src = family.io, plan.source
+    student = io.build_student(plan.student, plan.seed, ds_config)
+    record_memory(stage_dir, rank, "built", student)
+    if src is not None:
+        what = "predecessor export" if src.kind == "predecessor" else "init: model"
+        report = _loading(plan.name, src.path,
+                          lambda: io.fill(student, src.path, src.config, plan.student, plan.growth), what)
+        record_memory(stage_dir, rank, "grown", student)
+        report["config_changes"] = plan.config_changes   # made by the plan, before the student was built
+        if rank == 0:
+            (stage_dir / "growth.json").write_text(json.dumps(report, indent=2, default=str))
+    teacher, heads = None, None
+    if plan.teacher is not None:
+        dtype = _dtype(plan.train)
+        t_model, partitioned = _loading(plan.name, src.path, lambda: io.load_teacher(src.path, dtype, ds_config))
+        teacher = FrozenTeacher(family, t_model, dtype, device(), partitioned=partitioned)
+        heads = io.ifd_heads(plan.student, plan.teacher, plan.ifd, ds_config)
+    if plan.train.activation_checkpointing:
+        family.enable_activation_checkpointing(student)
+    preemption.check_startup("model build and growth")
+    return student, teacher, heads
+
+
+def _export(family, plan: StagePlan, engine, data_dir: Path, out: Path, rank: int) -> None:
+    """The family's one export path; an `init:` model used as-is is exported unchanged."""
+    if plan.steps == 0 and plan.source is not None and plan.source.kind == "init":
+        if rank == 0:
+            family.io.export_as_is(plan.source.path, data_dir, out)
+        return
+    family.io.export(engine, _dtype(plan.train), data_dir, out, plan.train.export_shard_bytes)
+
+
+def _record_done(manifest: Manifest, plan: StagePlan, result: dict, ds_config: dict) -> None:
+    cost = plan.cost()
+    manifest.update_stage(
+        plan.name, status="done", params=plan.params, tokens=result["tokens"], steps=plan.steps,
+        train_macs=cost["train_macs"], teacher_macs=cost["teacher_macs"], macs=cost["macs"],
+        final_val_loss=result["final_val_loss"], alpha=result["alpha"], export=f"{plan.name}/model",
+        teacher=plan.source.stage if plan.teacher is not None and plan.source else None,
+        seconds=result["seconds"], growth=plan.growth.__dict__ if plan.source and plan.source.kind == "predecessor"
+        else None, zero_stage=ds_config["zero_optimization"]["stage"])
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    tag: str | None          # the checkpoint to continue from (None: a fresh start)
+    saved: Any               # its geometry (world, micro-batch, grad_accum, ZeRO stage)
+    train: Any               # the TrainSpec re-split for this world size (the same global batch)
+
+
+def _resume_point(ckpt_dir: Path, resume: bool, train, world: int) -> ResumePoint:
+    """Resuming on another world size keeps the checkpoint's global batch: grad_accum is re-split."""
+    from ..train.checkpoint import candidates
+    from ..train.world_size_resume import read_geometry, resplit
+    tag = (candidates(ckpt_dir) or [None])[0] if resume else None
+    saved = read_geometry(ckpt_dir / tag, train) if tag else None
+    return ResumePoint(tag, saved, resplit(saved, world, train, ckpt_dir / str(tag)))

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import importlib
 
-from ..config import ImageTextDataSpec, TextDataSpec
+from ..config import DATA_SPECS, FAMILY_MODULES, DataSpec
 from ..errors import CompTError
 from .base import Family
 
-FAMILIES = {"hf_decoder": "compt_scale.families.hf_decoder",
-            "open_clip": "compt_scale.families.clip_family"}
-# The `data:` section each family reads (config.py parses the section with it).
-DATA_SPECS = {"hf_decoder": TextDataSpec, "open_clip": ImageTextDataSpec}
+FAMILIES = FAMILY_MODULES   # name -> module holding the family's FAMILY (the same dict as config's)
+
+
+def register_family(name: str, module: str, data_spec: type[DataSpec]) -> None:
+    """Make family `name` (the module `module`, ending with `FAMILY = Family.from_module(...)`) usable
+    in chain specs as `family: name`, with `data_spec` as its `data:` section."""
+    FAMILY_MODULES[name] = module
+    DATA_SPECS[name] = data_spec
 
 
 def check_successor(spec, i: int, cfg, prev_cfg, param_count) -> None:

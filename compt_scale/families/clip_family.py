@@ -28,12 +28,11 @@ from ..grow.layouts.open_clip import check_supported
 from .base import Family
 from .clip import PRESET_DIR, preset_names  # noqa: F401  (part of the family's interface)
 from .clip import load_model_config as load_config
+from .in_memory_io import InMemoryIO
 
 SIMPLE_TOKENIZER_VOCAB = 49408
 MAX_LOGIT_SCALE = 100.0      # open_clip training clamps exp(logit_scale) to 100
 CONFIG_ATTR = "compt_open_clip_cfg"
-# CLIP towers are small: built whole, grown in memory, exported from a gathered state dict.
-partitioned_io = False
 
 
 def _vision(cfg: dict) -> dict:
@@ -320,4 +319,6 @@ def validate_chain(spec) -> None:
         prev = cfg
 
 
+# CLIP towers are small: built whole, grown in memory, exported from a gathered state dict.
+io = InMemoryIO(build, ifd_heads, load_export, export, config_of)
 FAMILY = Family.from_module(sys.modules[__name__], name="open_clip", budget_unit="image-caption pairs")

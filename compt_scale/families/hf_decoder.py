@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from ..errors import CompTError, read_json
 from ..resources import MODELS, resource
 from .base import Family
+from .hf_io import PartitionedHFIO
 
 PRESET_DIR = resource(MODELS, "hf_decoder")
 
@@ -68,10 +69,6 @@ def num_heads(config: PretrainedConfig) -> int:
 def param_count(config: PretrainedConfig) -> int:
     from ..flops import decoder_param_count
     return decoder_param_count(config)
-
-
-# Students, teachers and exports go parameter by parameter through HF safetensors (chain/weights.py).
-partitioned_io = True
 
 
 def build(config: PretrainedConfig, seed: int) -> torch.nn.Module:
@@ -277,16 +274,6 @@ def load_export(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
 
 
-def export(student, state: dict, data_dir: Path, out: Path) -> None:
-    """`save_pretrained` + tokenizer into a temp dir, then rename: loadable with no project code."""
-    from transformers import AutoTokenizer
-
-    from ..files import atomic_dir
-    with atomic_dir(out) as tmp:
-        student.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")).save_pretrained(str(tmp))
-
-
 def evaluate(model, spec, data_dir, val_loss: float) -> dict:
     """Extra eval metrics for metrics.jsonl: perplexity of the val loss (nats per token)."""
     import math
@@ -368,4 +355,6 @@ def _check_limits(cfg: PretrainedConfig, seq_len: int, where: str) -> None:
                              "(learned position embeddings)")
 
 
+# Students, teachers and exports go parameter by parameter through HF safetensors.
+io = PartitionedHFIO(build, ifd_heads, load_export)
 FAMILY = Family.from_module(sys.modules[__name__], name="hf_decoder", budget_unit="tokens")

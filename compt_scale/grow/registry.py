@@ -6,52 +6,14 @@ shards, ZeRO-3 in-engine growth) is a loop over `plan` + `grow_tensor`, one tens
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import CompTError
 from .axes import CLONE_FIXED_KINDS, CLONED_KINDS, Source, TensorSpec, factor_sizes, kind, parse_spec, place
+from .layout import Layout
 from .ops import DEPTH_OPS, WIDTH_OPS
-
-
-@dataclass
-class Layout:
-    """An architecture's tensors. `tensors` maps key templates to specs; `{name}` in a template is a
-    layer index of the stack `name`, whose depth is `sizes(config)[name]`. `tied` maps an alias key
-    (lm_head) to the key it shares storage with when the config ties them. `saved_as` maps a key to
-    the name transformers writes it under on disk when that differs (GPT-NeoX's lm_head is saved as
-    embed_out): streaming reads such files, while the in-memory path sees the model's own names."""
-    name: str
-    sizes: Callable[[object], dict[str, int]]
-    tensors: dict[str, str]
-    stacks: tuple[str, ...] = ("layers",)
-    tied: dict[str, str] = field(default_factory=dict)
-    saved_as: dict[str, str] = field(default_factory=dict)
-    is_tied: Callable[[object], bool] = lambda cfg: bool(getattr(cfg, "tie_word_embeddings", False))
-
-    def __post_init__(self):
-        self._compiled = []
-        for tmpl, spec in self.tensors.items():
-            pat = re.escape(tmpl)
-            for s in self.stacks:
-                pat = pat.replace(re.escape("{" + s + "}"), f"(?P<{s.replace('.', '_')}>\\d+)")
-            self._compiled.append((re.compile(pat + "$"), tmpl, parse_spec(spec)))
-
-    def match(self, key: str):
-        """(template, spec, stack name or None, layer index or None) for a tensor key."""
-        for rx, tmpl, spec in self._compiled:
-            m = rx.match(key)
-            if m:
-                if m.groupdict():
-                    (g, i), = m.groupdict().items()
-                    stack = next(s for s in self.stacks if s.replace(".", "_") == g)
-                    return tmpl, spec, stack, int(i)
-                return tmpl, spec, None, None
-        raise CompTError(f"layout {self.name!r} has no entry for tensor {key!r}")
-
 
 # ---------------------------------------------------------------- depth operators
 
@@ -113,6 +75,17 @@ def check_growable(src_config, tgt_config, width: str, depth: str) -> None:
 
 # ---------------------------------------------------------------- planning
 
+def clone_unties(layout: Layout, s_sizes: dict, t_sizes: dict, width: str, tgt_config) -> bool:
+    """Whether this growth must untie tied embeddings: cloning splits the output head (each copy
+    scaled by 1/copies) but duplicates the input embedding, so once an axis of the tied tensors grows
+    they differ and can no longer share storage. A growth that keeps those axes (depth only) keeps
+    the model tied: untying would add a vocab x hidden matrix for nothing."""
+    if width != "clone" or not layout.is_tied(tgt_config):
+        return False
+    factors = {f for key in layout.tied for f in parse_spec(layout.tensors[key]).factors}
+    return any(s_sizes.get(f) != t_sizes.get(f) for f in factors)
+
+
 @dataclass
 class Step:
     key: str                 # target key
@@ -130,7 +103,7 @@ def plan(src_config, tgt_config, tgt_keys, width: str, depth: str, noise_snr: fl
     layout = layout_for(tgt_config)
     s_sizes, t_sizes = layout.sizes(src_config), layout.sizes(tgt_config)
     dmaps = {st: depth_map(depth, s_sizes[st], t_sizes[st]) for st in layout.stacks}
-    untie = width == "clone" and layout.is_tied(tgt_config)
+    untie = clone_unties(layout, s_sizes, t_sizes, width, tgt_config)
     steps = []
     for key in tgt_keys:
         tmpl, spec, stack, i = layout.match(key)
@@ -152,7 +125,7 @@ def plan(src_config, tgt_config, tgt_keys, width: str, depth: str, noise_snr: fl
         "init_layers": {st: [j for j, m in enumerate(dm) if m[0] is None] for st, dm in dmaps.items()},
         # Cloning splits the output head (hidden / copies) but duplicates the input embedding, so
         # they can no longer share storage: the output is untied and the target config must say so.
-        "untied_embeddings": untie,
+        "untied_embeddings": bool(layout.tied) and layout.is_tied(src_config) and (untie or not layout.is_tied(tgt_config)),
         "config_changes": {"tie_word_embeddings": False} if untie else {},
         "tensors": {},
     }

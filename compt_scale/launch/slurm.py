@@ -100,11 +100,9 @@ def auto_warn_seconds(n_params: int, precision: str, nodes: int) -> int:
 def warn_seconds_for(spec, stage: str, opts: SlurmOptions) -> int:
     if opts.warn_seconds != "auto":
         return int(opts.warn_seconds)
-    from ..families import get_family
-    family = get_family(spec.family)
-    st = spec.stage(stage)
-    n = family.param_count(family.plan_config(spec, st))
-    return auto_warn_seconds(n, spec.train_for(st).precision, opts.nodes_per_stage.get(stage, opts.nodes))
+    from ..chain.plan import plan_stage
+    plan = plan_stage(spec, stage)
+    return auto_warn_seconds(plan.params, plan.train.precision, opts.nodes_per_stage.get(stage, opts.nodes))
 
 
 def _check(spec, opts: SlurmOptions, out: Path) -> None:

@@ -185,3 +185,7 @@ def describe(n_params: int, train, candidates=None) -> str:
         return f"ds preset {name} (forced by train.zero_stage)"
     need = next((c for c in candidates or [] if c.preset == name), None)
     return f"ds preset {name} ({need.total / 2**30:.1f} GiB per GPU estimated)" if need else f"ds preset {name}"
+
+
+def is_zero3(ds_config: dict) -> bool:
+    return ds_config.get("zero_optimization", {}).get("stage", 0) == 3

@@ -9,6 +9,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import deepspeed
 import torch
@@ -41,6 +42,7 @@ class LoopConfig:
     data_dir: Path
     resume: bool = False
     universal_tag: str | None = None   # resume from this converted checkpoint (another world size)
+    heartbeat: Callable[[], None] = lambda: None   # keeps the stage lock fresh (called as metrics are written)
 
 
 def lr_lambda(train, steps: int):
@@ -119,7 +121,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     alpha = loop["alpha"]
     # alpha: auto is re-set at every eval from the steps since the previous one (objective.AutoAlpha)
     auto = AutoAlpha(loop) if (cfg.ifd.alpha == "auto" and teacher is not None and cfg.ifd.enabled) else None
-    log = MetricsLog(cfg.stage_dir, resumed_from)
+    log = MetricsLog(cfg.stage_dir, resumed_from, cfg.heartbeat)
     tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.tokens_per_sample
     start = loop["step"]
     geometry = {"world": world, "train": t, "zero_stage": cfg.ds_config["zero_optimization"]["stage"]}

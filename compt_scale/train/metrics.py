@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 
-from ..chain import lock as stage_lock
 from ..files import atomic_write_text
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity), matched against torch.cuda.get_device_name() in
@@ -66,10 +66,11 @@ class Throughput:
 
 class MetricsLog:
     """metrics.jsonl + TensorBoard, written by rank 0 only. Each line written also refreshes the
-    stage lock's heartbeat (chain/lock.py), so another host sees the stage is alive."""
+    stage lock's heartbeat (handed in by the stage: chain/lock.py), so another host sees the stage
+    is alive."""
 
-    def __init__(self, stage_dir: Path, resume_step: int | None):
-        self.rank0 = dist.get_rank() == 0
+    def __init__(self, stage_dir: Path, resume_step: int | None, heartbeat: Callable[[], None] = lambda: None):
+        self.rank0, self.heartbeat = dist.get_rank() == 0, heartbeat
         self.path = stage_dir / "metrics.jsonl"
         if self.rank0:
             lines = self.path.read_text().splitlines() if (resume_step is not None and self.path.is_file()) else []
@@ -85,7 +86,7 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        stage_lock.heartbeat()
+        self.heartbeat()
         for k, v in rec.items():
             if k not in ("step", "final") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.tb.add_scalar(k, v, rec["step"])

@@ -3,7 +3,7 @@ growth code. `hf` holds the Hugging Face decoders (by model_type), `open_clip` t
 from __future__ import annotations
 
 from ...errors import CompTError
-from ..registry import Layout
+from ..layout import Layout
 
 
 def supported() -> list[str]:

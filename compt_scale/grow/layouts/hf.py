@@ -8,7 +8,7 @@ Linear weights are [out, in]; GPT-2's Conv1D weights are [in, out], which the ta
 from __future__ import annotations
 
 from ...errors import CompTError
-from ..registry import Layout
+from ..layout import Layout
 
 
 def _heads(c) -> tuple[int, int, int]:

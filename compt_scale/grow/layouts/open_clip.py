@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from ...errors import CompTError
-from ..registry import Layout
+from ..layout import Layout
 
 # Options that change which tensors exist or what they mean; the layout covers the plain towers.
 _UNSUPPORTED_V = {"timm_model_name": None, "attentional_pool": False, "ls_init_value": None,

@@ -1,0 +1,1 @@
+"""Training one stage: DeepSpeed config, loop, objective, checkpoints, metrics."""
