@@ -133,8 +133,11 @@ def validate(data) -> None:
     if not train:
         raise CompTError("data.shards: one shard and no data.val_shards: the last shard is held out for "
                          "evaluation, none is left to train on")
-    check_local(train, "data.shards")
-    check_local(val, "data.val_shards" if data.val_shards else "data.shards")
+    if data.val_shards:
+        check_local(train, "data.shards")
+        check_local(val, "data.val_shards")
+    else:
+        check_local(train + val, "data.shards")
 
 
 # ---------------------------------------------------------------- samples of one shard
@@ -163,7 +166,12 @@ def shard_samples(url: str) -> Iterator[dict]:
     except CompTError:
         raise
     except Exception as e:  # noqa: BLE001 - tarfile, subprocess and I/O errors of any kind
-        raise CompTError(f"data.shards: cannot read {url}: {_first_line(e)}") from None
+        why = _first_line(e)
+        try:  # a failed pipe command shows up as a short tar: its exit status says more
+            stream.close()
+        except Exception as status:  # noqa: BLE001
+            why = _first_line(status)
+        raise CompTError(f"data.shards: cannot read {url}: {why}") from None
     finally:
         try:
             stream.close()  # a pipe's exit status is checked here
@@ -179,9 +187,10 @@ def is_pair(sample: dict) -> bool:
 
 def captions_of(sample: dict, data) -> list[str]:
     where = f"{sample.get('__url__')}:{sample.get('__key__')}"
-    caps = _json_captions(sample["json"], data, where) if "json" in sample else []
-    if "txt" in sample:
-        caps.append(sample["txt"].decode("utf-8", "replace"))
+    # .txt first: the caption open_clip itself trains on; .json captions (LaCLIP's rewrites) after it.
+    caps = [sample["txt"].decode("utf-8", "replace")] if "txt" in sample else []
+    if "json" in sample:
+        caps += _json_captions(sample["json"], data, where)
     return split_captions(caps, data.caption_sep)
 
 
@@ -258,40 +267,46 @@ def _rng(*key: int) -> random.Random:
     return random.Random(int(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]).generate_state(1)[0]))
 
 
-def reader_shards(plan: StreamPlan, epoch: int, reader: int) -> Iterator[str]:
-    """The endless shard sequence of one reader in one epoch (module docstring)."""
+def reader_passes(plan: StreamPlan, epoch: int, reader: int) -> Iterator[Iterator[str]]:
+    """The shard sequence of one reader in one epoch, as passes: without resampling, pass 0 is the
+    reader's deal of the epoch's shuffled shard list and later passes go round the same shards again
+    (reshuffled); resampled, one endless pass of draws with replacement."""
     if plan.data.resampled:
         rng = _rng(plan.seed, epoch, reader, 1)
-        while True:
-            yield plan.urls[rng.randrange(len(plan.urls))]
+        yield (plan.urls[rng.randrange(len(plan.urls))] for _ in iter(int, 1))
+        return
     order = list(plan.urls)
     _rng(plan.seed, epoch, 0).shuffle(order)
     mine = order[reader::plan.readers]
     for again in range(1_000_000_000):
-        yield from mine
+        yield iter(mine)
         mine = list(mine)
         _rng(plan.seed, epoch, reader, again + 2).shuffle(mine)
 
 
+def _pairs(urls: Iterator[str], limit_dry: int) -> Iterator[dict]:
+    dry = 0  # shards in a row without a usable sample: past the limit the stream would spin forever
+    for url in urls:
+        got = 0
+        for s in shard_samples(url):
+            if is_pair(s):
+                got += 1
+                yield s
+        dry = 0 if got else dry + 1
+        if dry > limit_dry:
+            raise CompTError(f"data.shards: no image-caption sample (an image and a .txt or .json) in "
+                             f"{dry} shards in a row, last {url}")
+
+
 def reader_samples(plan: StreamPlan, epoch: int, reader: int) -> Iterator[dict]:
-    """Raw (undecoded) image-caption samples of one reader in one epoch, through the shuffle buffer."""
+    """Raw (undecoded) image-caption samples of one reader in one epoch through the shuffle buffer,
+    one buffer per pass: a pass is drained before the next begins, so within a pass every sample of
+    the reader's shards comes out once."""
     import webdataset as wds
-
-    def pairs():
-        dry = 0  # shards in a row without a usable sample: all of them means the stream would spin
-        for url in reader_shards(plan, epoch, reader):
-            got = 0
-            for s in shard_samples(url):
-                if is_pair(s):
-                    got += 1
-                    yield s
-            dry = 0 if got else dry + 1
-            if dry > len(plan.urls) + 8:
-                raise CompTError(f"data.shards: no image-caption sample (an image and a .txt or .json) in "
-                                 f"{dry} shards in a row, last {url}")
-
     buf = plan.data.shuffle_buffer
-    return wds.shuffle(buf, max(1, buf // 5), rng=_rng(plan.seed, epoch, reader, 2))(pairs())
+    for k, urls in enumerate(reader_passes(plan, epoch, reader)):
+        limit = len(plan.urls) + 8 if plan.data.resampled else len(plan.urls[reader::plan.readers]) - 1
+        yield from wds.shuffle(buf, max(1, buf // 5), rng=_rng(plan.seed, epoch, reader, 2, k))(_pairs(urls, limit))
 
 
 @functools.lru_cache(maxsize=4)
