@@ -24,6 +24,8 @@ of the same content (other wording, object order and joiners), LaCLIP's augmente
 `corpus: files` reads CSV/TSV files in open_clip's CsvDataset convention or webdataset tar shards,
 each image with one or more captions (data/image_text_files.py); images are resized (shortest side, bicubic) and centre-cropped exactly
 as open_clip's own eval transform does, so an export's `preprocess_val` sees what training saw.
+`corpus: webdataset` streams its training split (data/webdataset_shards.py); only its eval split is
+prepared here, from `data.val_shards` (or the held-out last shard).
 """
 from __future__ import annotations
 
