@@ -55,8 +55,9 @@ class TextDataSpec(DataSpec):
 @dataclass
 class ImageTextDataSpec(DataSpec):
     """`data:` of CLIP chains (family open_clip)."""
-    CORPORA: ClassVar[tuple[str, ...]] = ("shapes", "files")
-    corpus: str = "shapes"            # "shapes" (scenes rendered here) or "files" (CSV/TSV)
+    CORPORA: ClassVar[tuple[str, ...]] = ("shapes", "files", "webdataset")
+    corpus: str = "shapes"            # "shapes" (scenes rendered here), "files" (CSV/TSV/tar) or
+                                      # "webdataset" (shards streamed: data/webdataset_shards.py)
     image_field: str = "filepath"     # the CSV column with image paths
     captions_per_image: int = 1       # M captions per image in each step (LaCLIP; paper: 4)
     caption_variants: int = 1         # "shapes": paraphrased captions per scene (paper: 16)
@@ -64,6 +65,13 @@ class ImageTextDataSpec(DataSpec):
     caption_sep: str | None = None    # CSV/tar: separator splitting one caption into several
     image_size: int = 64              # images are resized to this
     num_samples: int = 20000          # "shapes": how many image-caption pairs to render
+    shards: list[str] = field(default_factory=list)      # webdataset: shard URLs, {000..099} and '::'
+    val_shards: list[str] = field(default_factory=list)  # webdataset: eval shards (default: last of shards)
+    train_num_samples: int | None = None  # webdataset: pairs per epoch (open_clip's --train-num-samples)
+    resampled: bool = False           # webdataset: shards drawn with replacement per reader (multi-node)
+    shuffle_buffer: int = 5000        # webdataset: samples in each reader's shuffle buffer
+    workers: int = 2                  # webdataset: loader processes per rank (0: in the prefetch thread)
+    val_samples: int = 1000           # webdataset: pairs read from the eval shards
 
 
 # The family registry's torch-free half: family name -> (the module holding its FAMILY, its `data:`
@@ -391,6 +399,13 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
     data_raw = dict(raw.get("data") or {})
     if "paths" in data_raw and isinstance(data_raw["paths"], list):
         data_raw["paths"] = [_resolve_path(str(p), base_dir) for p in data_raw["paths"]]
+    for key in ("shards", "val_shards"):   # URLs, '::'-joined patterns; local ones resolve like paths
+        if key in data_raw:
+            from .data.webdataset_shards import resolve_patterns
+            try:
+                data_raw[key] = resolve_patterns(data_raw[key], base_dir)
+            except CompTError as e:
+                raise CompTError(f"data.{key}: {e}") from None
     if isinstance(data_raw.get("tokenizer"), str) and data_raw["tokenizer"] not in ("train", "auto"):
         data_raw["tokenizer"] = _resolve_path(data_raw["tokenizer"], base_dir)
     train_raw = dict(raw.get("train") or {})

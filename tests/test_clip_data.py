@@ -131,7 +131,7 @@ def _spec(**over):
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"data": {"corpus": "stdlib"}}, "data.corpus: must be 'shapes' or 'files', got 'stdlib'"),
+    ({"data": {"corpus": "stdlib"}}, "data.corpus: must be 'shapes' or 'files' or 'webdataset', got 'stdlib'"),
     ({"data": {"corpus": "shapes", "image_size": 32}}, "stages[0].model: vision_cfg.image_size 64 differs"),
     ({"stages": [{"name": "a", "model": "clip-s", "tokens": 8}, {"name": "b", "model": "clip-xs", "tokens": 8}]},
      "stages[1].model: 'clip-xs' is not larger than its predecessor 'clip-s'"),

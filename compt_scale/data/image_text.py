@@ -24,10 +24,13 @@ of the same content (other wording, object order and joiners), LaCLIP's augmente
 `corpus: files` reads CSV/TSV files in open_clip's CsvDataset convention or webdataset tar shards,
 each image with one or more captions (data/image_text_files.py); images are resized (shortest side, bicubic) and centre-cropped exactly
 as open_clip's own eval transform does, so an export's `preprocess_val` sees what training saw.
+`corpus: webdataset` streams its training split (data/webdataset_shards.py); only its eval split is
+prepared here, from `data.val_shards` (or the held-out last shard).
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import random
@@ -257,8 +260,15 @@ def prepare_image_text(data, context_length: int, out: Path) -> Path:
                     return load_image(opener(row[0]), size), row[1]
                 except (OSError, ValueError, KeyError) as e:
                     raise CompTError(f"data.paths: cannot read image {row[0]}: {e}") from None
+        elif data.corpus == "webdataset":  # the train split streams; only eval pairs are prepared
+            from .webdataset_shards import eval_split
+            splits, k, extra["stream"] = eval_split(data)
+            n, n_val = len(splits["val"]) + data.train_num_samples, len(splits["val"])
+
+            def load(row):
+                return load_image(io.BytesIO(row[0]), size), row[1]
         else:
-            raise CompTError(f"data.corpus: open_clip trains on 'shapes' or 'files', got {data.corpus!r}")
+            raise CompTError(f"data.corpus: open_clip trains on 'shapes', 'files' or 'webdataset', got {data.corpus!r}")
         if n < 8 or n - n_val < 2:
             raise CompTError(f"data: only {n} image-caption pairs; need at least 8")
         counts = {}

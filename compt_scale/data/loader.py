@@ -11,6 +11,7 @@ exception) stops it and joins it, and an error inside the thread is re-raised in
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 
@@ -55,13 +56,28 @@ class PrefetchLoader:
                 continue
         return False
 
+    def _host_batches(self):
+        """(step, micro, host batch) from the resumed step on: indexed, or a streamed dataset's own
+        stream (data/webdataset_shards.py), which resumes from the micro-batches already consumed."""
+        o, steps = self.order, range(self.start, self.steps)
+        pairs = ((step, micro) for step in steps for micro in range(o["grad_accum"]))
+        if not getattr(self.dataset, "streaming", False):
+            yield from ((s, m, self.host_batch(s, m)) for s, m in pairs)
+            return
+        stream = self.dataset.stream(seed=o["seed"], start=self.start * o["grad_accum"],
+                                     micro_batch=o["micro_batch"], rank=o["rank"], world=o["world"])
+        try:
+            for (step, micro), batch in zip(pairs, stream, strict=False):
+                yield step, micro, batch
+        finally:
+            stream.close()
+
     def _produce(self) -> None:
         try:
-            for step in range(self.start, self.steps):
-                for micro in range(self.order["grad_accum"]):
+            with contextlib.closing(self._host_batches()) as host_batches:
+                for step, micro, batch in host_batches:
                     if self.stop.is_set():
                         return
-                    batch = self.host_batch(step, micro)
                     if self.pin:
                         batch = tuple(t.pin_memory() for t in batch)
                     if not self._put((step, micro, batch)):
@@ -102,3 +118,14 @@ class PrefetchLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def first_batches(dataset, *, seed: int, count: int, micro_batch: int, rank: int, world: int) -> list[tuple]:
+    """This rank's first `count` micro-batches of the run (alpha calibration): step 0 with `count`
+    micro-steps when indexed, the head of the rank's stream when streamed."""
+    if getattr(dataset, "streaming", False):
+        with contextlib.closing(dataset.stream(seed=seed, start=0, micro_batch=micro_batch, rank=rank,
+                                               world=world)) as stream:
+            return [next(stream) for _ in range(count)]
+    return [tuple(dataset.batch(sample_indices(len(dataset), seed, 0, m, count, micro_batch, rank, world)))
+            for m in range(count)]

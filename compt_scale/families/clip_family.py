@@ -211,6 +211,10 @@ def model_config(spec, stage, data_dir: Path) -> dict:
 
 def dataset(spec, data_dir: Path, split: str):
     from ..data.image_text import ImageText
+    if spec.data.corpus == "webdataset" and split == "train":
+        from ..data.webdataset_shards import StreamingImageText
+        meta = read_json(Path(data_dir) / "meta.json", "prepared data meta")
+        return StreamingImageText(spec.data, meta, spec.data.captions_per_image)
     return ImageText(data_dir, split, spec.data.captions_per_image)
 
 
@@ -300,6 +304,9 @@ def validate_chain(spec) -> None:
     for key in ("captions_per_image", "caption_variants"):
         if not (isinstance(getattr(spec.data, key), int) and getattr(spec.data, key) >= 1):
             raise CompTError(f"data.{key}: must be an integer >= 1, got {getattr(spec.data, key)!r}")
+    if spec.data.corpus == "webdataset":
+        from ..data.webdataset_shards import validate
+        validate(spec.data)
     if spec.data.corpus == "shapes" and spec.data.num_samples < 16:
         raise CompTError(f"data.num_samples: need at least 16 image-caption pairs, got {spec.data.num_samples}")
     ctx0, prev = None, None

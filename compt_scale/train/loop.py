@@ -16,8 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..data.loader import PrefetchLoader
-from ..data.packed import sample_indices
+from ..data.loader import PrefetchLoader, first_batches
 from ..errors import EXIT_PREEMPTED, CompTError
 from . import checkpoint, preemption
 from .distributed import all_reduce_mean, device
@@ -106,10 +105,8 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
             if cfg.ifd.alpha == "auto":
                 # Each rank its own share of the first steps' data: a multi-rank contrastive loss
                 # would see duplicated pairs if every rank used the same batches.
-                calib = [to_device(train_data.batch(sample_indices(len(train_data), cfg.seed, 0, m,
-                                                                   cfg.ifd.calib_batches, t.micro_batch_size,
-                                                                   rank, world)))
-                         for m in range(cfg.ifd.calib_batches)]
+                calib = [to_device(b) for b in first_batches(train_data, seed=cfg.seed, count=cfg.ifd.calib_batches,
+                                                             micro_batch=t.micro_batch_size, rank=rank, world=world)]
                 alpha = calibrate_alpha(engine.module, teacher, calib, cfg.ifd.ratio, reduce=all_reduce_mean)
             else:
                 alpha = alpha_at(cfg.ifd.alpha, 0.0, 0, cfg.steps) if isinstance(cfg.ifd.alpha, dict) \
