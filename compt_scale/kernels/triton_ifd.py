@@ -24,12 +24,13 @@ from .triton_kernels import _ifd_epilogue_kernel, _scale_kernel
 # Chunk size. A chunk holds at most CHUNK_BYTES of Y (compute dtype) and at most 1/MIN_CHUNKS of the
 # tokens. Why these two numbers: the memory target is 1/4 of eager PyTorch's extra memory
 # (gradients excluded) at every benchmark shape; eager holds about 3-10 bytes per element of the
-# [N, d_t] projection, so a chunk of at most 1/8 of the rows keeps us well under at small N (8K
-# tokens), and 16 MiB caps it at large N (64K tokens x 2048: 4096 rows, 48 MiB with the fp32 dW,
-# against ~97 MiB allowed). Smaller chunks cost time, not memory: each chunk re-reads and re-writes
-# the fp32 dW (8 bytes x d_t x d_s) in its dW GEMM, and at 4096 rows x 2048 x 4096 that is ~1/4 of
-# that GEMM's own time; below ~2K rows it would dominate. Module constants so that tests (many
-# chunks on tiny inputs) and benchmarks/ifd_kernel.py --chunk-mib can change them.
+# [N, d_t] projection (the previous kernel's H200 run), so a chunk of at most 1/8 of the rows keeps
+# us well under at small N (8K tokens), and 16 MiB caps it at large N (64K tokens x 2048: 4096 rows,
+# an estimated 48 MiB with the fp32 dW, against ~97 MiB allowed). Smaller chunks cost time, not
+# memory: each chunk re-reads and re-writes the fp32 dW (8 bytes x d_t x d_s) in its dW GEMM, which at
+# 4096 rows x 2048 x 4096 is an estimated 1/5 of that GEMM's own time and grows as chunks shrink.
+# Estimates, not GPU measurements: benchmarks/ifd_kernel.py --chunk-mib measures other sizes side by
+# side. Module constants so that tests (many chunks on tiny inputs) and the benchmark can set them.
 CHUNK_BYTES = 16 << 20
 MIN_CHUNKS = 8
 # Rows of a chunk are a multiple of this (16-byte aligned row slices for cuBLAS, any 16-bit dtype).
