@@ -6,11 +6,18 @@ import torch.nn.functional as F
 
 
 def oracle(s, t, w, b, alpha):
-    """fp64 value and grads; w rounded to the compute dtype first, b not (the defined semantics)."""
+    """fp64 value and grads under the defined semantics (compt_scale/kernels/reference.py): W is
+    rounded to the compute dtype (s.dtype) first, and so is the projection s W^T, as eager PyTorch
+    rounds a 16-bit matmul's output; the bias, the error and the sums are exact. The rounding is
+    straight-through for the gradients (d/dY of the rounded Y is taken as 1)."""
     s64 = s.double().requires_grad_()
     w64 = w.to(s.dtype).double().requires_grad_()
     b64 = b.double().requires_grad_() if b is not None else None
-    loss = alpha * F.mse_loss(F.linear(s64, w64, b64), t.double())
+    y = F.linear(s64, w64)
+    y = y + (y.to(s.dtype).double() - y).detach()
+    if b64 is not None:
+        y = y + b64
+    loss = alpha * F.mse_loss(y, t.double())
     loss.backward()
     return loss.detach(), s64.grad, w64.grad, (b64.grad if b is not None else None)
 

@@ -65,16 +65,13 @@ def _worker(rank, outdir):
     from compt_scale.kernels import fused_ifd_loss
     deepspeed.init_distributed(dist_backend="gloo")
     d, rows, res = _data(), _rows(rank), {}
-    for impl in ("reference", "triton", "precompute"):
+    for impl in ("reference", "triton"):
         for red in ("mean", "sum"):
             s, w, b = (d[k].clone().requires_grad_() for k in ("s", "w", "b"))
             t = d["t"].clone().requires_grad_()
             loss = fused_ifd_loss(s[rows], t[rows], w, b, ALPHA, dist.group.WORLD, grad_reduce=red,
-                                  impl="triton" if impl == "precompute" else impl,
-                                  triton_mode="precompute" if impl == "precompute" else "recompute")
+                                  impl=impl)
             res[f"group/{impl}/{red}"] = [loss.detach()] + _grads(loss, s, w, b) + [t.grad]
-        if impl == "precompute":
-            continue
         model = Toy(impl)
         ref = copy.deepcopy(model)  # unsharded single-process oracle on ALL tokens
         ref_loss = ref(d["x"], d["t"])
@@ -128,7 +125,7 @@ def test_two_gloo_ranks_group_and_zero3(tmp_path):
     full = fused_ifd_loss(s, d["t"], w, b, ALPHA, impl="reference")  # one process, all tokens
     full_grads = _grads(full, s, w, b)
     close = dict(rtol=1e-5, atol=1e-6)
-    for impl in ("reference", "triton", "precompute"):
+    for impl in ("reference", "triton"):
         for red, factor in (("mean", 2.0), ("sum", 1.0)):
             r0, r1 = (r[f"group/{impl}/{red}"] for r in res)
             for r in (r0, r1):
@@ -140,7 +137,7 @@ def test_two_gloo_ranks_group_and_zero3(tmp_path):
             # weight/bias: the ranks' mean ("mean") or sum ("sum") is the unsharded gradient
             for i in (2, 3):
                 torch.testing.assert_close((r0[i] + r1[i]) / factor, full_grads[i - 1], **close)
-        for r in res if impl != "precompute" else ():
+        for r in res:
             z = r[f"zero3/{impl}"]
             empty, full_shape, local_numel = z["partitioned"]
             assert empty and full_shape == (D_T, D_S) and local_numel < D_T * D_S  # really partitioned

@@ -1,7 +1,7 @@
-"""Fused inverse-feature-distillation (IFD) loss: Triton kernel on CUDA, reference elsewhere.
+"""Fused inverse-feature-distillation (IFD) loss: chunked kernel on CUDA, reference elsewhere.
 
 fused_ifd_loss(student, teacher, weight, bias=None, alpha=1.0, group=None, *, impl=None,
-grad_reduce="mean", triton_mode="recompute") and IFDProjection (the learned T plus the loss).
+grad_reduce="mean") and IFDProjection (the learned T plus the loss).
 See ifd.py for the exact value/gradient convention with a process group.
 """
 from .ifd import IFDProjection, fused_ifd_loss

@@ -1,4 +1,12 @@
-"""Public IFD loss: dispatch (Triton on CUDA, reference elsewhere), sharded tokens, autocast.
+"""Public IFD loss: dispatch (the chunked kernel on CUDA, the reference elsewhere), sharded tokens,
+autocast.
+
+`impl` (the chain spec's `ifd.kernel`): "triton" is the chunked path of triton_ifd.py (cuBLAS GEMMs per
+chunk of tokens and one Triton pass; it needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tests);
+"reference" is plain PyTorch (reference.py), the escape hatch; "auto" (or None) is "triton" for CUDA
+tensors and "reference" for anything else. On CPU "auto" picks the reference on purpose: the
+chunked path's Triton pass only runs on a GPU or in the (slow, numpy) interpreter, and CPU runs
+are small enough that the reference's [N, d_t] projection costs nothing worth a second code path.
 
 Gradient convention with `group` (read this before wiring it into a trainer):
   * The returned value is the exact GLOBAL mean over every token of every rank in `group`:
@@ -28,32 +36,31 @@ from ..errors import CompTError
 from .reference import reference_sse
 
 
-def _local_sse(student, teacher, weight, bias, impl, triton_mode):
+def _local_sse(student, teacher, weight, bias, impl):
     if impl in (None, "auto"):
         impl = "triton" if student.is_cuda else "reference"
     if impl == "reference":
         return reference_sse(student, teacher, weight, bias)
     if impl == "triton":
         from .triton_ifd import triton_sse  # lazy: importing triton costs time and reads env vars
-        return triton_sse(student, teacher, weight, bias, triton_mode)
+        return triton_sse(student, teacher, weight, bias)
     raise ValueError(f"fused_ifd_loss: impl must be 'auto' (or None), 'triton' or 'reference', got {impl!r}")
 
 
 def fused_ifd_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None = None, alpha: float | torch.Tensor = 1.0,
-                   group=None, *, impl: str | None = None, grad_reduce: str = "mean",
-                   triton_mode: str = "recompute") -> torch.Tensor:
+                   group=None, *, impl: str | None = None, grad_reduce: str = "mean") -> torch.Tensor:
     """alpha * mean((student @ weight.T + bias - teacher)**2) as an fp32 scalar (fp64 for fp64 inputs).
 
     student [N, d_s], teacher [N, d_t], weight [d_t, d_s], bias [d_t] or None. Differentiable w.r.t.
-    student, weight and bias; the teacher is detached. `impl`: "auto" or None (Triton on CUDA tensors,
-    the reference elsewhere), "triton" or "reference". `group`: see the module docstring for the exact
-    value and the gradient convention (`grad_reduce` "mean" or "sum"). `triton_mode`:
-    "recompute" (default: backward recomputes Y chunk by chunk, 4 GEMMs) or "precompute" (forward
-    computes the gradients too, 3 GEMMs, one backward only); see triton_ifd._TritonSSE.
-    Compute dtype is the student's (after autocast's cast, see below): the weight is cast to it for
-    the GEMM; the bias is added, and the teacher compared, in fp32; loss, dW and db accumulate in
-    fp32; gradients come back in each input's own dtype.
+    student, weight and bias; the teacher is detached. `impl`: "auto" or None (the chunked kernel on
+    CUDA tensors, the reference elsewhere), "triton" or "reference" (module docstring). The "triton"
+    path computes the gradients in forward (3 GEMMs, one backward only); see triton_ifd._ChunkedSSE.
+    `group`: see the module docstring for the exact value and the gradient convention (`grad_reduce`
+    "mean" or "sum"). Compute dtype is the student's (after autocast's cast, see below): the weight
+    is cast to it for the GEMMs and the projection S W^T is rounded to it, as eager PyTorch does; the
+    bias is added, and the teacher compared, in fp32; loss, dW and db accumulate in fp32; gradients
+    come back in each input's own dtype.
     """
     if hasattr(weight, "ds_id") and weight.numel() == 0:
         raise RuntimeError("fused_ifd_loss: weight is a ZeRO-3 partition that is not gathered; call it "
@@ -77,7 +84,7 @@ def fused_ifd_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.T
     if torch.is_autocast_enabled(dev):
         student = student.to(torch.get_autocast_dtype(dev))
     with torch.autocast(dev, enabled=False):
-        sse = _local_sse(student, teacher, weight, bias, impl, triton_mode)
+        sse = _local_sse(student, teacher, weight, bias, impl)
     numel = n * d_t
     if group is None:
         return alpha * sse / numel
@@ -108,8 +115,7 @@ class IFDProjection(nn.Module):
     """
 
     def __init__(self, d_student: int, d_teacher: int, bias: bool = True, init: str = "identity",
-                 impl: str | None = None, grad_reduce: str = "mean",
-                 triton_mode: str = "recompute"):
+                 impl: str | None = None, grad_reduce: str = "mean"):
         super().__init__()
         if init not in ("identity", "default"):
             raise ValueError(f"IFDProjection: init must be 'identity' or 'default', got {init!r}")
@@ -119,7 +125,7 @@ class IFDProjection(nn.Module):
             # Here, not at the first training step: a spec's `ifd.kernel: triton` on a CPU box is one line.
             raise CompTError("ifd.kernel: triton needs a CUDA device (or TRITON_INTERPRET=1); use auto or reference")
         self.d_student, self.d_teacher = d_student, d_teacher
-        self.impl, self.grad_reduce, self.triton_mode = impl, grad_reduce, triton_mode
+        self.impl, self.grad_reduce = impl, grad_reduce
         # Parameters are created and initialized in this __init__ (no inner nn.Linear): under
         # deepspeed.zero.Init a submodule's parameters are partitioned as soon as ITS __init__
         # returns, and writing the identity into an already partitioned (empty) weight would fail.
@@ -142,7 +148,7 @@ class IFDProjection(nn.Module):
         s = student_feats.reshape(-1, self.d_student)
         t = teacher_feats.reshape(-1, self.d_teacher)
         return fused_ifd_loss(s, t, self.weight, self.bias, alpha, group, impl=self.impl,
-                              grad_reduce=self.grad_reduce, triton_mode=self.triton_mode)
+                              grad_reduce=self.grad_reduce)
 
     def extra_repr(self) -> str:
         return f"d_student={self.d_student}, d_teacher={self.d_teacher}, bias={self.bias is not None}"
