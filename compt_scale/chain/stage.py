@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..config import ChainSpec
 from ..errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, CompTError
 from ..families import get_family
-from ..train import preemption
+from ..train import lr_rule, preemption
 from ..train.checkpoint import KEEP_CHECKPOINTS
 from ..train.distributed import device, init_distributed
 from .diskspace import check_free_space, free_space, out_of_space
@@ -228,7 +228,7 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
             ds_config = weights.fit_zero3_buckets(ds_config, max(family.feature_dims(cfg)))
         student = weights.build_student(family, cfg, seed, ds_config)
         weights.record_memory(stage_dir, rank, "built", student)
-        if source is not None:
+        if source is not None and (growth.init == "grow" or not export):   # "random": teacher only
             growth_report = _loading(
                 name, source, lambda: weights.fill_from(student, source, t_cfg, cfg, width, depth), what)
             weights.record_memory(stage_dir, rank, "grown", student)
@@ -244,7 +244,8 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
             t_cfg = family.config_of(teacher_model)
             grown, growth_report = grow_state(teacher_model.state_dict(), t_cfg, cfg, student.state_dict(),
                                               width=growth.width, depth=growth.depth)
-            student.load_state_dict(grown)
+            if growth.init == "grow":   # "random": the predecessor is the teacher only
+                student.load_state_dict(grown)
             del grown
             if ifd.enabled:
                 teacher = FrozenTeacher(family, teacher_model, dtype, device())
@@ -293,6 +294,7 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
             train_macs=(macs["macs"] - per_step_teacher) * steps, teacher_macs=per_step_teacher * steps,
             macs=macs["macs"] * steps, final_val_loss=result["final_val_loss"], alpha=result["alpha"],
             export=f"{name}/model", teacher=pred.name if pred else None, seconds=result["seconds"],
-            growth=growth.__dict__ if pred else None, zero_stage=ds_config["zero_optimization"]["stage"])
+            growth=growth.__dict__ if pred else None, zero_stage=ds_config["zero_optimization"]["stage"],
+            **lr_rule.describe(train, cfg, spec.family))
     dist.barrier()
     return result
