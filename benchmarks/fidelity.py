@@ -20,10 +20,15 @@ has its own output dir whose s1/s2 are links to the seed's CoM-PT run, so each d
 stage: a run cut short (--time-limit, or killed) still leaves what finished, with `complete: false`.
 
 Sizing (full run, the default): vocab 512, seq 64, micro-batch 16 (1,024 tokens per step); s1 0.10M,
-s2 0.32M, s3 0.93M parameters; B = 1.5M tokens (1,465 steps); s2 0.4 B, s3 0.25 B in the chain.
-Independent baselines on seed 0 only (each seed's variants are compared with them); 2 seeds.
-`--quick`: B = 40k tokens, the same structure, one seed for the baselines and 2 seeds for the
-variants; a check that the pipeline holds together (its numbers mean little).
+s2 0.32M, s3 0.93M parameters (3.1x, 2.9x); B = 1M tokens (977 steps); s2 0.4 B, s3 0.25 B in the
+chain; 2 seeds; the independent s3 on seed 0 first, the independent s2 last (every seed's chain is
+compared with these seed-0 baselines). Cost: ~4 B of s3-equivalent tokens plus 15 stage processes;
+from the demo's measured CPU throughput that is ~15 minutes on an idle 2-core machine (an estimate:
+the run recorded in the README was made with a smaller --budget on a machine shared by ~9 agents,
+where a step took 10-50x longer). Stages run with OMP_NUM_THREADS=1 if unset (set it higher on an
+idle machine): OpenMP threads spinning on an oversubscribed CPU cost more than they give.
+`--quick`: B = 20k tokens, the same structure: a check that the pipeline holds together (its numbers
+mean nothing).
 """
 from __future__ import annotations
 
@@ -110,8 +115,9 @@ def link_predecessors(main: Path, vdir: Path) -> None:
 def run_cli(args: list[str], deadline: float | None) -> int:
     """`compt-scale ARGS` in a child; SIGTERM at the deadline (the stage checkpoints and exits 99)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.Popen([sys.executable, "-m", "compt_scale.cli", *args], cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=path))
+    env = dict(os.environ, PYTHONPATH=path)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "compt_scale.cli", *args], cwd=REPO, env=env)
     try:
         return proc.wait(timeout=None if deadline is None else max(1.0, deadline - time.time()))
     except subprocess.TimeoutExpired:
@@ -190,6 +196,11 @@ def analyse(work: Path, seeds: list[int], meta: dict) -> dict:
         base = stages.get("s3-indep", {})
         res["independent_converged"] = None if "s3" not in chain["models"] else \
             chain["models"]["s3"]["independent_still_improving"] is None
+        if base.get("status") == "done":
+            from compt_scale.quality import ahead_at_equal_tokens
+            from compt_scale.report import read_metrics
+            fair = ahead_at_equal_tokens(*(read_metrics(main / n / "metrics.jsonl") for n in ("s1", "s3-indep")))
+            res["fair_baseline"] = {"s3_indep_ahead_of_s1_at_equal_tokens": not fair["behind"], **fair}
         if base.get("status") == "done":  # every seed's CoM-PT s3 against the one baseline
             res["s3_gap_per_seed"] = {k: (v - base["final_val_loss"]) / base["final_val_loss"]
                                       for k, v in res["iwi_ifd"]["per_seed"].items()}
@@ -241,11 +252,13 @@ def plot(work: Path, seeds: list[int], out_png: Path) -> None:
     plt.close(fig)
 
 
-def jobs(seeds: list[int], variants: list[str]) -> list[tuple[int, str, bool]]:
-    """(seed, variant, with baselines) in the order that makes a partial run most useful: seed 0's
-    CoM-PT chain and the baselines first, then its variants, then the other seeds."""
+def jobs(seeds: list[int], variants: list[str], baselines: list[str]) -> list[tuple[int, str, list[str]]]:
+    """(seed, variant, baselines to run with it) in the order that makes a partial run most useful:
+    seed 0's CoM-PT chain and the s3 baseline, its variants, the other seeds, the s2 baseline last."""
     order = ["iwi_ifd"] + [v for v in ("scratch", "iwi_only", "ifd_only") if v in variants]
-    return [(seed, v, seed == seeds[0] and v == "iwi_ifd") for seed in seeds for v in order]
+    first = [b for b in baselines if b == "s3"]
+    out = [(seed, v, first if (seed, v) == (seeds[0], "iwi_ifd") else []) for seed in seeds for v in order]
+    return out + ([(seeds[0], "iwi_ifd", baselines)] if baselines != first else [])
 
 
 def main(argv=None) -> dict:
@@ -253,16 +266,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="a minutes-long check of the pipeline")
     ap.add_argument("--budget", type=int, default=None, help="B, tokens of the independent runs")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+    ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
                     help="Table 4(b) variants to run (iwi_ifd, the chain itself, always runs)")
     ap.add_argument("--baselines", nargs="*", choices=["s3", "s2"], default=["s3", "s2"],
                     help="independent runs (seed 0 only)")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds; then stop, analyse what finished")
+    ap.add_argument("--analyse-only", action="store_true", help="train nothing: analyse --work as it stands")
     ap.add_argument("--work", type=Path, default=None, help="run dir (default: runs/fidelity[-quick]); resumable")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default: benchmarks/results/fidelity[-quick].json)")
     args = ap.parse_args(argv)
     tag = "-quick" if args.quick else ""
-    budget = args.budget or (40_000 if args.quick else 1_500_000)
+    budget = args.budget or (20_000 if args.quick else 1_000_000)
     work = (args.work or REPO / "runs" / f"fidelity{tag}").resolve()
     out = args.out or HERE / "results" / f"fidelity{tag}.json"
     work.mkdir(parents=True, exist_ok=True)
@@ -271,9 +285,10 @@ def main(argv=None) -> dict:
     meta = {"budget_tokens": budget, "chain_fractions": CHAIN_FRACTIONS, "base_lr": BASE_LR,
             "lr_base_width": BASE_WIDTH, "models": MODELS, "quick": args.quick, "work": str(work)}
     res = {}
-    for seed, variant, with_baselines in jobs(args.seeds, args.variants):
+    todo = [] if args.analyse_only else jobs(args.seeds, args.variants, args.baselines)
+    for seed, variant, baselines in todo:
         vdir = work / f"seed{seed}" / variant
-        spec = chain_spec(work, seed, budget, variant, args.baselines if with_baselines else [], args.quick)
+        spec = chain_spec(work, seed, budget, variant, baselines, args.quick)
         spec_path = work / f"seed{seed}-{variant}.yaml"
         spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
         if variant != "iwi_ifd":
@@ -286,7 +301,11 @@ def main(argv=None) -> dict:
             print(f"fidelity.py: seed {seed} {variant}: compt-scale chain exited {rc}; stopping", file=sys.stderr)
             break
     else:
-        res["complete"] = True
+        res = analyse(work, args.seeds, meta)
+        # --analyse-only: complete when every variant of every seed and both baselines finished
+        done = res["ordering"] is not None and {"s2", "s3"} <= set(res.get("lossless") or {})
+        res |= {"seconds": time.time() - t0, "complete": done if args.analyse_only else True}
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2))
     png = out.with_suffix(".png")
     plot(work, args.seeds, png)
