@@ -87,6 +87,7 @@ class TrainSpec:
     micro_batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-3
+    lr_base_width: int | None = None   # muP-style: hidden matrices at lr * this / hidden_size (train/lr_rule.py)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.1
@@ -121,6 +122,7 @@ class IFDSpec:
 class GrowthSpec:
     width: str = "insert"
     depth: str = "duplicate"
+    init: str = "grow"   # "random": keep the student's own init, teacher only (paper Table 4(b) "IFD only")
 
 
 @dataclass
@@ -299,6 +301,8 @@ def _validate_section(obj, where: str) -> None:
             raise CompTError(f"{where}.warmup_steps: must be >= 0")
         if not obj.lr > 0 or not math.isfinite(obj.lr):
             raise CompTError(f"{where}.lr: must be a positive number, got {obj.lr}")
+        if obj.lr_base_width is not None and obj.lr_base_width <= 0:
+            raise CompTError(f"{where}.lr_base_width: must be a positive integer, got {obj.lr_base_width}")
         if not 0 <= obj.min_lr_ratio <= 1:
             raise CompTError(f"{where}.min_lr_ratio: must be in [0, 1]")
         if obj.zero_stage != "auto" and obj.zero_stage not in (0, 1, 2, 3):
@@ -336,6 +340,8 @@ def _validate_section(obj, where: str) -> None:
             raise CompTError(f"{where}.width: unknown operator {obj.width!r} (known: {', '.join(WIDTH_OPS)})")
         if obj.depth not in DEPTH_OPS:
             raise CompTError(f"{where}.depth: unknown operator {obj.depth!r} (known: {', '.join(DEPTH_OPS)})")
+        if obj.init not in ("grow", "random"):
+            raise CompTError(f"{where}.init: must be 'grow' or 'random', got {obj.init!r}")
     elif isinstance(obj, DataSpec):
         if obj.corpus not in obj.CORPORA:
             raise CompTError(f"data.corpus: must be {' or '.join(map(repr, obj.CORPORA))}, got {obj.corpus!r}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import CompTError, read_json
 from .flops import human
-from .quality import describe, eval_curve, matched_quality
+from .quality import ahead_at_equal_tokens, describe, describe_fairness, eval_curve, matched_quality
 
 PLOTS = {"loss": "loss_vs_macs.png", "val": "val_loss_vs_macs.png", "cost": "stage_cost.png"}
 
@@ -117,7 +117,19 @@ def _matched(recs: list[dict]) -> list[str]:
         q = matched_quality(curve, r["offset"], final, eval_curve(base["metrics"]), base["macs"],
                             base["final_val_loss"])
         lines.append(describe(r["name"], base["name"], q))
-    return lines
+    return lines + _fairness(recs)
+
+
+def _fairness(recs: list[dict]) -> list[str]:
+    """Each baseline against the chain's first (smallest) model at equal tokens, and the learning
+    rate every stage trained at (train/lr_rule.py): the recipe a reader needs to judge the baseline."""
+    first = next((r for r in recs if r["kind"] == "chain" and r.get("metrics")), None)
+    lines = [describe_fairness(b["name"], first["name"], ahead_at_equal_tokens(first["metrics"], b["metrics"]))
+             for b in recs if first is not None and b["kind"] == "baseline" and b.get("metrics")
+             and (b.get("params") or 0) > (first.get("params") or 0)]
+    rates = [f"{r['name']} {r['lr']:.3g} (hidden matrices {r['hidden_lr']:.3g})" for r in recs if r.get("lr")]
+    rule = next((r["lr_rule"] for r in reversed(recs) if r.get("lr_rule")), None)
+    return lines + ([f"learning rates: {'; '.join(rates)}; rule: {rule}"] if rates else [])
 
 
 def _fmt(v, kind: str) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from compt_scale.quality import (
+    ahead_at_equal_tokens,
     describe,
+    describe_fairness,
     eval_curve,
     macs_to_reach,
     matched_quality,
@@ -51,3 +53,18 @@ def test_eval_curve_reads_eval_and_final_lines():
                {"final": True, "step": 4, "macs": 20, "val_loss": 4.0},
                {"step": 4, "macs": 20, "val_loss": 4.1}]
     assert eval_curve(metrics) == [(10.0, 5.0), (20.0, 4.0)]
+
+
+def test_baseline_ahead_at_equal_tokens():
+    small = [{"step": 1, "tokens": 100, "loss": 9.0}, {"step": 2, "tokens": 200, "val_loss": 5.0},
+             {"step": 4, "tokens": 400, "val_loss": 4.0}, {"final": True, "tokens": 600, "val_loss": 3.6}]
+    big = [{"step": 2, "tokens": 200, "val_loss": 4.9}, {"step": 3, "tokens": 300, "val_loss": 4.2},
+           {"step": 4, "tokens": 400, "val_loss": 3.9}, {"final": True, "tokens": 600, "val_loss": 3.5}]
+    r = ahead_at_equal_tokens(small, big)      # compared at 200, 400, 600 tokens (300: small has none)
+    assert r == {"compared": 3, "behind": []}
+    assert "ahead of the smaller xs at equal tokens at all 3 evals" in describe_fairness("m", "xs", r)
+    big[2]["val_loss"] = 4.0                    # a tie is not ahead
+    big[3]["val_loss"] = 3.7
+    r = ahead_at_equal_tokens(small, big)
+    assert r == {"compared": 3, "behind": [(400, 4.0, 4.0), (600, 3.7, 3.6)]}
+    assert describe_fairness("m", "xs", r).startswith("UNFAIR BASELINE: m is not ahead of the smaller xs at 2 of 3")

@@ -97,6 +97,23 @@ def test_table_matched_quality_line(run_dir):
     assert "BASELINE NOT CONVERGED" in line  # its fixture curve falls linearly to the end
 
 
+def test_fair_baseline_and_learning_rate_lines(run_dir):
+    # base-m's evals moved onto s's token grid: ahead of s at the first two, behind at the last
+    s_evals = [m for m in map(json.loads, (run_dir / "s" / "metrics.jsonl").read_text().splitlines())
+               if m.get("val_loss") is not None]
+    lines = [dict(m, val_loss=m["val_loss"] + (0.5 if m.get("final") else -0.5)) for m in s_evals]
+    (run_dir / "base-m" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for name, hidden in (("s", 1e-3), ("m", 5e-4), ("base-m", 5e-4)):
+        manifest["stages"][name].update(lr=1e-3, hidden_lr=hidden, lr_rule="muP-style: x 64/128")
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    text = report_table(run_dir)
+    # s evals at k = 2, 4, 6 sixths of its tokens; the final line shares k = 6's tokens: 3 compared
+    assert "UNFAIR BASELINE: base-m is not ahead of the smaller s at 1 of 3 evals at equal tokens: 1,149,952" in text
+    assert "learning rates: s 0.001 (hidden matrices 0.001); m 0.001 (hidden matrices 0.0005); base-m 0.001" in text
+    assert "UNFAIR BASELINE" in write_report(run_dir).read_text()
+
+
 def test_running_stage_falls_back_to_metrics(run_dir):
     data = json.loads((run_dir / "manifest.json").read_text())
     rec = data["stages"]["m"]

@@ -75,6 +75,12 @@ class StagePlan:
             ds_config = fit_zero3_buckets(ds_config, max(get_family(self.spec.family).feature_dims(self.student)))
         return ds_config
 
+    @property
+    def grown(self) -> bool:
+        """Whether the student starts from its source's weights (`growth.init: random` keeps the
+        student's own init and uses the predecessor only as the teacher; an init: dir is always read)."""
+        return self.source is not None and (self.growth.init == "grow" or self.source.kind == "init")
+
     def cost(self) -> dict:
         """MACs of the whole stage (train_macs, teacher_macs, macs)."""
         return {k: self.macs_per_step[k] * self.steps for k in ("train_macs", "teacher_macs", "macs")}
@@ -129,6 +135,8 @@ def planned_config(spec: ChainSpec, stage: StageSpec) -> Config:
     family = get_family(spec.family)
     cfg = family.plan_config(spec, stage)
     pred = spec.predecessor(stage.name)
+    if pred is not None and spec.growth_for(stage).init == "random":
+        return cfg   # the predecessor only teaches: the student keeps its own config and init
     if pred is not None:
         source_cfg = planned_config(spec, pred)
     elif stage.init:
@@ -169,7 +177,8 @@ def plan_stage(spec: ChainSpec, name: str, world: int | None = None, *, out: Pat
     growth, ifd = spec.growth_for(stage), spec.ifd_for(stage)
     cfg = family.model_config(spec, stage, data_dir) if data_dir else family.plan_config(spec, stage)
     source = _source(spec, stage, out, world, loaded=data_dir is not None) if spec.is_chain_stage(name) else None
-    changes = growth_changes(spec, stage, source.config, cfg) if source is not None else {}
+    grows = source is not None and (growth.init == "grow" or source.kind == "init")
+    changes = growth_changes(spec, stage, source.config, cfg) if grows else {}
     cfg = with_changes(cfg, changes)
     teacher = source.config if source is not None and source.kind == "predecessor" and ifd.enabled else None
     params = family.param_count(cfg)

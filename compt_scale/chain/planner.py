@@ -13,6 +13,7 @@ import math
 from ..errors import CompTError
 from ..families import get_family
 from ..flops import human
+from ..train import lr_rule
 
 TARGET_TOLERANCE = 0.05  # how far (relative) step rounding may move the predicted speedup off target
 
@@ -193,13 +194,15 @@ def plan_rows(spec, world: int | None = None) -> list[dict]:
         rows.append(dict(kind="chain", name=st.name, model=st.model, params=plan.params, ratio=ratio,
                          tokens=plan.tokens, steps=plan.steps, **plan.cost(), accumulated_macs=acc,
                          warnings=_warnings(spec, i, plan, ratio),
-                         basis=basis.get(st.name, "spec: stages[].tokens")))
+                         basis=basis.get(st.name, "spec: stages[].tokens"),
+                         **lr_rule.describe(plan.train, plan.student, spec.family)))
         prev_params = plan.params
     for st in spec.baselines:
         plan = plan_stage(spec, st.name, world)
         rows.append(dict(kind="baseline", name=st.name, model=st.model, params=plan.params, ratio=None,
                          tokens=plan.tokens, steps=plan.steps, **plan.cost(), accumulated_macs=None, warnings=[],
-                         basis="budget.baseline_tokens" if spec.budget else "spec: baselines[].tokens"))
+                         basis="budget.baseline_tokens" if spec.budget else "spec: baselines[].tokens",
+                         **lr_rule.describe(plan.train, plan.student, spec.family)))
     return rows
 
 
@@ -279,6 +282,8 @@ def format_plan(spec, world: int | None = None) -> str:
     lines.append("what set each number:")
     for r in rows:
         lines.append(f"  {r['name']}: tokens <- {r['basis']}")
+    for r in rows:   # the learning rate per model size (train/lr_rule.py)
+        lines.append(f"  {r['name']}: lr {r['lr']:.3g}, hidden matrices {r['hidden_lr']:.3g} <- {r['lr_rule']}")
     lines.append(f"  {spec.stages[0].name}: model size <- rule 1 (the smallest model sized to the data): "
                  + ("checked as tokens/param" if spec.family in COMPUTE_OPTIMAL_TOKENS_PER_PARAM
                     else f"not checked for {spec.family} (no compute-optimal ratio)"))

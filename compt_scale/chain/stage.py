@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ..config import ChainSpec
 from ..errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, CompTError
 from ..families import get_family
-from ..train import preemption
+from ..train import lr_rule, preemption
 from ..train.checkpoint import KEEP_CHECKPOINTS
 from ..train.distributed import init_distributed
 from ..train.ds_config import describe
@@ -227,7 +227,7 @@ def _materialize(family, plan: StagePlan, ds_config: dict, stage_dir: Path, rank
     io, src = family.io, plan.source
     student = io.build_student(plan.student, plan.seed, ds_config)
     record_memory(stage_dir, rank, "built", student)
-    if src is not None:
+    if plan.grown:
         what = "predecessor export" if src.kind == "predecessor" else "init: model"
         report = _loading(plan.name, src.path,
                           lambda: io.fill(student, src.path, src.config, plan.student, plan.growth), what)
@@ -264,7 +264,8 @@ def _record_done(manifest: Manifest, plan: StagePlan, result: dict, ds_config: d
         final_val_loss=result["final_val_loss"], alpha=result["alpha"], export=f"{plan.name}/model",
         teacher=plan.source.stage if plan.teacher is not None and plan.source else None,
         seconds=result["seconds"], growth=plan.growth.__dict__ if plan.source and plan.source.kind == "predecessor"
-        else None, zero_stage=ds_config["zero_optimization"]["stage"])
+        else None, zero_stage=ds_config["zero_optimization"]["stage"],
+        **lr_rule.describe(plan.train, plan.student, plan.spec.family))
 
 
 @dataclass(frozen=True)

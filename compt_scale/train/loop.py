@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..data.loader import PrefetchLoader, first_batches
 from ..errors import EXIT_PREEMPTED, CompTError
-from . import checkpoint, preemption
+from . import checkpoint, lr_rule, preemption
 from .distributed import all_reduce_mean, device
 from .metrics import MetricsLog, StepLosses, Throughput, mfu, peak_flops
 from .objective import AutoAlpha, FrozenTeacher, StudentWithIFD, alpha_at, calibrate_alpha
@@ -51,13 +51,6 @@ def lr_lambda(train, steps: int):
         progress = min(1.0, (step - train.warmup_steps) / max(1, steps - train.warmup_steps))
         return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
-
-
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # No decay on norms and biases (1-D), as in GPT/Llama recipes.
-    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def to_device(batch) -> tuple:
@@ -93,8 +86,9 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     if rank == 0 and (applied["liger"] or applied["compile"]):
         print(f"[{cfg.stage}] liger: {applied['liger']}, torch.compile: {applied['compile']}", flush=True)
 
+    groups = lr_rule.param_groups(student_with_ifd, t, student_cfg, cfg.spec.family)  # muP-style lr per size
     engine, _, _, _ = deepspeed.initialize(
-        model=student_with_ifd, model_parameters=param_groups(student_with_ifd, t.weight_decay),
+        model=student_with_ifd, model_parameters=groups,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, cfg.steps)),
         config=cfg.ds_config)
 
