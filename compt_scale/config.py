@@ -16,6 +16,7 @@ import yaml
 
 from .errors import CompTError
 from .grow.ops import DEPTH_OPS, WIDTH_OPS
+from .numbers import as_float, as_int, as_number
 
 # A Hugging Face tokenizer directory holds at least one of these (fast, slow SentencePiece, BPE).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
@@ -211,20 +212,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if value is None and ("None" in t or t.endswith("| None")):
         return None
     if t in ("int", "<class 'int'>"):
-        # .inf/.nan are YAML floats: int() of them raises (or would truncate), so check finiteness first.
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or float(value) != int(value):
-            raise CompTError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
+        return as_int(value, where)   # also 2.0e9 / 1_000_000, which YAML 1.1 hands over as strings
     if t in ("float", "<class 'float'>"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            try:
-                value = float(value)  # YAML reads 3e-4 as a string
-            except (TypeError, ValueError):
-                raise CompTError(f"{where}: expected a number, got {value!r}") from None
-        if not math.isfinite(value):  # a NaN compares false with every bound check downstream
-            raise CompTError(f"{where}: expected a finite number, got {value!r}")
-        return float(value)
+        return as_float(value, where)
     if t in ("str", "<class 'str'>"):
         if not isinstance(value, str):
             raise CompTError(f"{where}: expected a string, got {value!r}")
@@ -247,7 +237,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 raise CompTError(f"{where}: expected a number or 'auto', got {value!r}") from None
         return value if isinstance(value, str) else _coerce(value, "float", where)
     if t == "int | str":
-        return value if isinstance(value, str) else _coerce(value, "int", where)
+        return value if isinstance(value, str) and as_number(value) == value else _coerce(value, "int", where)
     if t.startswith("list"):
         if not isinstance(value, list):
             raise CompTError(f"{where}: expected a list, got {value!r}")
@@ -286,6 +276,8 @@ def _check_alpha_schedule(sched: dict, where: str) -> None:
     for key in ("start", "end"):
         if key == "start" and key not in sched:
             raise CompTError(f"{where}.start: required for a schedule")
+        if key in sched:
+            sched[key] = as_number(sched[key])   # 1e-1 is a string to YAML 1.1
         v = sched.get(key, 0.0)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise CompTError(f"{where}.{key}: must be a number >= 0, got {v!r}")
@@ -487,6 +479,8 @@ def validate_chain(spec: ChainSpec) -> None:
         raise CompTError("spec.stages: a chain needs at least one stage")
     if spec.nproc <= 0:
         raise CompTError(f"spec.nproc: must be positive, got {spec.nproc}")
+    if not 0 <= spec.seed < 2**32:   # numpy's and Python's RNGs take no negative seed
+        raise CompTError(f"spec.seed: must be in 0..{2**32 - 1}, got {spec.seed}")
     names = [s.name for s in spec.stages + spec.baselines]
     dup = {n for n in names if names.count(n) > 1}
     if dup:

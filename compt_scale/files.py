@@ -2,10 +2,12 @@
 data dirs built exactly once under a lock (every rank, job or stage may ask for the same one)."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +30,22 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def check_out_dir(out: Path, flag: str = "--out") -> None:
+    """Refuse, in one line and before anything is written, an output dir that cannot be made or
+    written: a file there or in its path, or a read-only place. Leaves nothing behind (the write
+    probe is removed again)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CompTError(f"{flag} {out}: exists and is not a directory")
+    nearest = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not nearest.is_dir():
+        raise CompTError(f"{flag} {out}: cannot create the output directory: {nearest} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=nearest))
+    except OSError as e:   # read-only filesystem, no permission (EACCES/EPERM), ...
+        raise CompTError(f"{flag} {out}: cannot write in {nearest}: {e.strerror}") from None
+
+
 @contextmanager
 def atomic_dir(out: Path, replace: bool = True):
     """Yield a temp dir next to `out`; if the body succeeds it becomes `out` whole, else it vanishes.
@@ -38,9 +56,14 @@ def atomic_dir(out: Path, replace: bool = True):
     out = Path(out)
     if not replace and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CompTError(f"output {out} already exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        if e.errno == errno.ENOSPC:   # a full disk stays an OSError: the stage's disk-full handling owns it
+            raise
+        raise CompTError(f"output {out}: cannot create it: {e.strerror}") from None
     try:
         yield tmp
         if out.is_dir():

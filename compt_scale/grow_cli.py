@@ -47,9 +47,11 @@ def _clip_src_config(src: Path, explicit: str | None) -> Path:
 
 
 def run(args) -> int:
+    from .files import check_out_dir
     src = Path(args.src)
     if not src.exists():
         raise CompTError(f"--from: {src} does not exist")
+    check_out_dir(args.out)   # before the growth's work: a read-only or file-blocked --out is one line
     derived = args.width_factor is not None or args.depth_factor is not None or args.overrides
     if derived and args.target is not None:
         raise CompTError("--to: give either a target config or --width-factor/--depth-factor/--set, not both")

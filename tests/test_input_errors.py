@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -100,14 +101,36 @@ def _truncated_teacher(d: Path) -> list:
     return ["stage", spec, "--stage", "b", "--out", out]
 
 
-def _out_is_file(d: Path) -> list:
+def _taken(d: Path) -> Path:
     (d / "taken").write_text("x")
-    return ["chain", _spec(d), "--out", d / "taken"]
+    return d / "taken"
+
+
+def _out_is_file(d: Path) -> list:
+    return ["chain", _spec(d), "--out", _taken(d)]
 
 
 def _out_under_file(d: Path) -> list:
     (d / "taken").write_text("x")
     return ["chain", _spec(d), "--out", d / "taken" / "run"]
+
+
+def _read_only_dir(d: Path) -> Path:
+    """A dir no one may create entries in: mode 0555, or for root (whom modes do not bind) sysfs."""
+    ro = d / "ro"
+    ro.mkdir(mode=0o555)
+    if not os.access(ro, os.W_OK):
+        return ro
+    try:
+        os.rmdir(tempfile.mkdtemp(dir="/sys"))
+    except OSError:
+        return Path("/sys")
+    pytest.skip("running as root, and /sys is writable: no read-only dir to test with")
+
+
+def _grow_into_read_only(d: Path) -> list:
+    src = _hf_dir(d, (PRESETS / "llama-xs.json").read_text())
+    return ["grow", "--from", src, "--to", "llama-s", "--out", _read_only_dir(d) / "grown"]
 
 
 def _tokenizer_not(d: Path) -> list:
@@ -163,6 +186,7 @@ CASES = {
     "weight-decay-string-inf": (lambda d: _chain(_with_field(d, "train.weight_decay", "'-inf'"), d),
                                 "train.weight_decay"),
     "seed-inf": (lambda d: _chain(_with_field(d, "seed", ".inf"), d), "spec.seed"),
+    "seed-negative": (lambda d: ["stage", _spec(d, seed=-1), "--stage", "a", "--out", d / "out"], "spec.seed"),
     # -- model limits
     "negative-hidden-size": (lambda d: _chain(_spec(d, stages=[
         {"name": "a", "model": _model_json(d, "llama-xs", hidden_size=-64), "tokens": 256}]), d), "hidden_size"),
@@ -180,6 +204,9 @@ CASES = {
     # -- output dirs
     "out-is-a-file": (_out_is_file, "--out"),
     "out-under-a-file": (_out_under_file, "--out"),
+    "stage-out-is-a-file": (lambda d: ["stage", _spec(d), "--stage", "a", "--out", _taken(d)], "--out"),
+    "slurm-out-is-a-file": (lambda d: ["slurm", _spec(d), "--out", _taken(d)], "--out"),
+    "grow-out-in-a-read-only-dir": (_grow_into_read_only, "--out"),
     # -- other commands
     "macs-binary-json": (lambda d: ["macs", _binary(d, "model.json")], "model.json"),
     "macs-binary-file": (lambda d: ["macs", _binary(d, "model.bin")], "model.bin"),
@@ -211,8 +238,7 @@ def run_case(case: str, d: Path) -> tuple[subprocess.CompletedProcess, list[str]
 
 # What a failing stage may leave: its manifest record (the failure, for `--status` and `report`), the
 # spec copy, the manifest lock. Never a stage dir, a checkpoint, or a half-built data dir.
-ALLOWED_AFTER = {"out", "out/manifest.json", "out/.manifest.lock", "out/.manifest.reserve", "out/chain.yaml",
-                 "out/.data.lock"}
+ALLOWED_AFTER = {"out", "out/manifest.json", "out/.manifest.lock", "out/chain.yaml", "out/.data.lock"}
 
 
 @pytest.fixture(scope="module")

@@ -67,6 +67,8 @@ def _refuse_if_locked(stage_dir: Path) -> None:
 def cmd_stage(args) -> int:
     from ..train import preemption
     preemption.install()  # first: a signal during start-up must end in a checkpoint-less exit 99 + record
+    from ..files import check_out_dir
+    check_out_dir(args.out)
     _refuse_if_locked(args.out / args.stage)
     from .resolve import load_resolved
     from .stage import run_stage

@@ -58,9 +58,10 @@ class Manifest:
                     rec.update(kind=kind, index=i, model=s.model)
             atomic_write_text(self.path, _dumps(data))
 
-    def reserve(self) -> None:
-        """Set aside a few KB beside the manifest, freed on ENOSPC so a full disk can still be recorded."""
-        reserve = self.out_dir / RESERVE
+    def reserve(self, owner: str = "") -> None:
+        """Set aside a few KB beside the manifest, freed on ENOSPC so a full disk can still be recorded.
+        One file per `owner` (a stage): stages running at once in one --out each hold and release theirs."""
+        reserve = self._reserve_path(owner)
         if not reserve.is_file() or reserve.stat().st_size < RESERVE_BYTES:
             try:
                 with open(reserve, "wb") as f:
@@ -70,13 +71,22 @@ class Manifest:
             except OSError:
                 reserve.unlink(missing_ok=True)
 
+    def release_reserve(self, owner: str = "") -> None:
+        """The run is over: its reserve is no output of it, so none is left in --out."""
+        self._reserve_path(owner).unlink(missing_ok=True)
+
+    def _reserve_path(self, owner: str) -> Path:
+        return self.out_dir / (f"{RESERVE}-{owner}" if owner else RESERVE)
+
     def update_stage(self, name: str, **fields) -> dict:
         try:
             return self._update_stage(name, **fields)
         except OSError as e:
-            if e.errno != errno.ENOSPC or not (self.out_dir / RESERVE).is_file():
+            reserves = list(self.out_dir.glob(f"{RESERVE}*"))
+            if e.errno != errno.ENOSPC or not reserves:
                 raise
-            (self.out_dir / RESERVE).unlink()
+            for r in reserves:   # whoever's: the record of a full disk matters more than their slack
+                r.unlink(missing_ok=True)
             return self._update_stage(name, **fields)
 
     def _update_stage(self, name: str, **fields) -> dict:

@@ -80,7 +80,7 @@ def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> di
     try:
         preemption.check_startup("start")
         if rank == 0:
-            manifest.reserve()
+            manifest.reserve(name)
         result = _run(spec, name, out, stage_dir, resume, rank, world, manifest)
     except CompTError as e:
         if rank == 0:
@@ -110,6 +110,8 @@ def run_stage(spec: ChainSpec, name: str, out: Path, resume: bool = False) -> di
     finally:
         if lock is not None:
             lock.release()
+        if rank == 0:
+            manifest.release_reserve(name)
         if rank == 0 and stage_dir.is_dir() and not any(stage_dir.iterdir()):
             stage_dir.rmdir()
     return result

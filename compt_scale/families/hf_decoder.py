@@ -302,6 +302,8 @@ def validate_chain(spec) -> None:
         if n_tok > padded:
             raise CompTError(f"data.tokenizer: {n_tok} tokens, more than the init model's embedding "
                              f"(vocab_size {padded})")
+    from ..data.packed import planned_vocab_size
+    chain_vocab = padded or planned_vocab_size(spec.data)
     prev = None
     for i, stage in enumerate(spec.stages):
         where = f"stages[{i}].model"
@@ -314,6 +316,7 @@ def validate_chain(spec) -> None:
         if stage.model.endswith(".json") and getattr(cfg, "vocab_size", None) not in (None, vocab) \
                 and spec.data.tokenizer == "train":
             raise CompTError(f"{where}: vocab_size {cfg.vocab_size} differs from data.vocab_size {vocab}")
+        cfg.vocab_size = chain_vocab   # as a run sizes every stage (a preset's own vocab is a placeholder)
         hd, nh = hidden_size(cfg), num_heads(cfg)
         if hd % nh:
             raise CompTError(f"{where}: hidden_size {hd} is not divisible by num_attention_heads {nh}")

@@ -19,6 +19,7 @@ import math
 import re
 
 from ..errors import CompTError
+from ..numbers import like, parse_decimal
 
 # Field names of the primary sizes per model_type; None: the architecture has no such field.
 _DEFAULT = {"hidden": "hidden_size", "heads": "num_attention_heads", "kv": "num_key_value_heads",
@@ -40,9 +41,10 @@ def parse_factor(value, where: str) -> float:
         f = float(value)
     else:
         m = _FACTOR.match(str(value))
-        if not m:
+        exact = parse_decimal(str(value))   # also 2.0e0, which YAML 1.1 hands over as a string
+        if not m and exact is None:
             raise CompTError(f"{where}: expected a factor like 2x or 1.5x, got {value!r}")
-        f = float(m.group(1))
+        f = float(m.group(1)) if m else float(exact)
     if not (math.isfinite(f) and f >= 1):
         raise CompTError(f"{where}: factor must be >= 1 (growth never shrinks), got {value!r}")
     return f
@@ -66,6 +68,15 @@ def describe(grow_to: dict) -> str:
     parts = [f"{k} {grow_to[k]}" for k in FACTOR_KEYS if k in grow_to]
     parts += [f"{k}={v}" for k, v in grow_to.items() if k not in FACTOR_KEYS]
     return ", ".join(parts)
+
+
+def _override(key: str, value, current, size: bool):
+    """An explicit field typed like the source config's value (2.0e3 -> 2000; 2.5 or 'abc' for an
+    integer field is an error); the primary sizes (hidden, heads, layers, ...) are positive integers."""
+    value = like(value, current, key, integer=size)
+    if size and value < 1:
+        raise CompTError(f"{key}: must be a positive integer, got {value}")
+    return value
 
 
 def _scaled(value: int, ratio: float, what: str, hint: str) -> int:
@@ -99,6 +110,7 @@ def derive_target(src: dict, width=1.0, depth=1.0, overrides: dict | None = None
     unknown = [k for k in overrides if k not in src and k not in names.values()]
     if unknown:
         raise CompTError(f"unknown config field(s) for {mt}: {', '.join(sorted(unknown))}")
+    overrides = {k: _override(k, v, src.get(k), k in names.values()) for k, v in overrides.items()}
     out = dict(src)
     get = overrides.get
 

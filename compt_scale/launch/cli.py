@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         nodes_per_stage=parse_per_stage(args.nodes_per_stage, "nodes-per-stage", int),
         time_per_stage=parse_per_stage(args.time_per_stage, "time-per-stage"),
         sbatch_args=args.sbatch_arg, env=args.env)
+    from ..files import check_out_dir
+    check_out_dir(out)
     scripts = write_scripts(spec, out, opts, baselines=args.baselines)
     for name, path in scripts.items():
         print(f"{name}: wrote {path}")
