@@ -81,6 +81,34 @@ class ImageTextDataSpec(DataSpec):
 FAMILY_MODULES: dict[str, str] = {"hf_decoder": "compt_scale.families.hf_decoder",
                                   "open_clip": "compt_scale.families.clip_family"}
 DATA_SPECS: dict[str, type[DataSpec]] = {"hf_decoder": TextDataSpec, "open_clip": ImageTextDataSpec}
+# Families outside the package, for every process of a run (`chain` starts each stage as a child,
+# which inherits the environment): "name=module[,name=module...]"; the module holds the family's
+# FAMILY and its `data:` dataclass as DATA_SPEC (e.g. COMPT_SCALE_FAMILIES=toy=tests.toy_family).
+FAMILIES_ENV = "COMPT_SCALE_FAMILIES"
+
+
+def load_env_families() -> None:
+    """Register the families named in $COMPT_SCALE_FAMILIES (see above); one-line errors."""
+    import importlib
+    import os
+    for item in filter(None, (x.strip() for x in os.environ.get(FAMILIES_ENV, "").split(","))):
+        name, _, module = (x.strip() for x in item.partition("="))
+        if not NAME_RE.fullmatch(name) or not re.fullmatch(r"[A-Za-z_][\w.]*", module):
+            raise CompTError(f"{FAMILIES_ENV}: expected name=module[,name=module...], got {item!r}")
+        if FAMILY_MODULES.get(name) == module:
+            continue
+        if name in FAMILY_MODULES:
+            raise CompTError(f"{FAMILIES_ENV}: family {name!r} is already {FAMILY_MODULES[name]}")
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise CompTError(f"{FAMILIES_ENV}: cannot import {module}: {e}") from None
+        data_spec = getattr(mod, "DATA_SPEC", None)
+        if getattr(getattr(mod, "FAMILY", None), "name", None) != name:
+            raise CompTError(f"{FAMILIES_ENV}: module {module} has no FAMILY named {name!r}")
+        if not (isinstance(data_spec, type) and issubclass(data_spec, DataSpec)):
+            raise CompTError(f"{FAMILIES_ENV}: module {module} has no DATA_SPEC (a DataSpec subclass)")
+        FAMILY_MODULES[name], DATA_SPECS[name] = module, data_spec
 
 
 @dataclass
@@ -439,6 +467,7 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
         return out
 
     family = _coerce(raw.get("family", "hf_decoder"), "str", "spec.family")
+    load_env_families()
     if family not in DATA_SPECS:
         raise CompTError(f"spec.family: unknown family {family!r} (known: {', '.join(DATA_SPECS)})")
     stages, baselines = stages_of("stages"), stages_of("baselines")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..config import DATA_SPECS, FAMILY_MODULES, DataSpec
+from ..config import DATA_SPECS, FAMILY_MODULES, DataSpec, load_env_families
 from ..errors import CompTError
 from .base import Family
 
@@ -38,6 +38,7 @@ def check_successor(spec, i: int, cfg, prev_cfg, param_count) -> None:
 
 
 def get_family(name: str) -> Family:
+    load_env_families()   # families from outside the package ($COMPT_SCALE_FAMILIES, config.py)
     if name not in FAMILIES:
         raise CompTError(f"unknown family {name!r} (known: {', '.join(FAMILIES)})")
     return importlib.import_module(FAMILIES[name]).FAMILY
