@@ -328,7 +328,7 @@ def _validate_section(obj, where: str) -> None:
         if obj.zero_stage != "auto" and obj.zero_stage not in (0, 1, 2, 3):
             raise CompTError(f"{where}.zero_stage: must be 0, 1, 2, 3 or 'auto', got {obj.zero_stage!r}")
         if obj.gpu_mem is not None:
-            from .train.memory import parse_bytes
+            from .units import parse_bytes
             try:
                 parse_bytes(obj.gpu_mem)
             except ValueError as e:
@@ -427,7 +427,7 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
         data_raw["paths"] = [_resolve_path(str(p), base_dir) for p in data_raw["paths"]]
     for key in ("shards", "val_shards"):   # URLs, '::'-joined patterns; local ones resolve like paths
         if key in data_raw:
-            from .data.webdataset_shards import resolve_patterns
+            from .shard_urls import resolve_patterns
             try:
                 data_raw[key] = resolve_patterns(data_raw[key], base_dir)
             except CompTError as e:

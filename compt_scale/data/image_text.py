@@ -43,6 +43,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import CompTError
 from ..files import build_once
+from .image_files import load_image  # noqa: F401  (part of this module's interface)
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)   # open_clip's OPENAI_DATASET_MEAN / STD: what its
 STD = (0.26862954, 0.26130258, 0.27577711)   # default preprocess (and an export's) normalizes with
@@ -185,20 +186,6 @@ def val_count(n: int, fraction: float) -> int:
 
 
 # ---------------------------------------------------------------- CSV files
-
-def load_image(path, size: int) -> np.ndarray:
-    """open_clip's eval transform: resize the shortest side to `size` (bicubic), centre crop.
-    `path`: a file path or a binary file object (a tar member)."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        # torchvision's Resize(int): the long side is truncated, not rounded
-        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-        im = im.crop((left, top, left + size, top + size))
-        return np.asarray(im).transpose(2, 0, 1)
-
 
 # ---------------------------------------------------------------- preparation
 

@@ -17,7 +17,7 @@ number of steps (open_clip rounds up the same way).
 - `resampled: true`: every reader draws shards with replacement from its own seed (seed, epoch,
   reader), the multi-node setting of open_clip's --dataset-resampled (no shard-count constraint).
 Samples pass through a shuffle buffer of `data.shuffle_buffer` samples (webdataset's shuffle, seeded per
-reader and epoch), then are decoded: the image with open_clip's eval transform (image_text.load_image)
+reader and epoch), then are decoded: the image with open_clip's eval transform (image_files.load_image)
 and M captions drawn from the sample's `.txt`/`.json` captions.
 
 Resume: the loop restarts at a step; a rank has then consumed step x grad_accum micro-batches, which
@@ -36,13 +36,13 @@ import random
 import re
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from ..errors import CompTError
+from ..shard_urls import _scheme, is_local, local_path, resolve_patterns, split_patterns  # noqa: F401
 from .image_text_files import _json_captions, split_captions
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -50,38 +50,6 @@ CAPTION_SEED = 8765
 
 
 # ---------------------------------------------------------------- shard URLs (parse time)
-
-def _scheme(url: str) -> str | None:
-    head, sep, _ = url.partition(":")
-    return head.lower() if sep and len(head) > 1 and head.isalnum() else None
-
-
-def is_local(url: str) -> bool:
-    return _scheme(url) in (None, "file")
-
-
-def local_path(url: str) -> Path:
-    return Path(url[len("file:"):] if _scheme(url) == "file" else url)
-
-
-def split_patterns(value) -> list[str]:
-    """A string or a list of strings, each possibly several patterns joined by `::` (open_clip)."""
-    items = [value] if isinstance(value, str) else list(value) if isinstance(value, list) else None
-    if items is None:
-        raise CompTError(f"expected a string or a list of strings, got {value!r}")
-    return [p.strip() for item in items for p in str(item).split("::") if p.strip()]
-
-
-def resolve_patterns(value, base_dir: Path) -> list[str]:
-    """Relative local patterns resolve against the spec's folder, as `data.paths` do; URLs stay as given."""
-    out = []
-    for p in split_patterns(value):
-        if is_local(p) and _scheme(p) is None:
-            q = Path(p).expanduser()
-            p = str(q if q.is_absolute() else base_dir / q)
-        out.append(p)
-    return out
-
 
 def expand(patterns: list[str], where: str) -> list[str]:
     """Brace-expanded shard URLs; a pattern that braceexpand cannot read is a one-line error."""
@@ -316,7 +284,7 @@ def _tokenizer(context_length: int):
 
 
 def decode_batch(samples: list[dict], plan: StreamPlan, first: int, epoch: int, reader: int) -> tuple:
-    from .image_text import load_image
+    from .image_files import load_image
     size = plan.data.image_size
     images, texts = [], []
     for j, s in enumerate(samples):

@@ -102,7 +102,7 @@ def ifd_heads(cfg: dict, teacher_cfg: dict, ifd) -> list[torch.nn.Module]:
     sits before the L2 normalization, L_IFD = ||normalize(T s) - t||^2; `after`: T maps the unit
     embedding, L_IFD = ||T(s) - t||^2 with the fused kernel."""
     from ..kernels import IFDProjection
-    from ..train.objective import UnitIFDProjection
+    from ..kernels.unit_ifd import UnitIFDProjection
     dims = zip(feature_dims(cfg), feature_dims(teacher_cfg), strict=True)
     if ifd.normalize == "before":
         return [UnitIFDProjection(d_s, d_t) for d_s, d_t in dims]

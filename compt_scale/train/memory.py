@@ -13,8 +13,9 @@ The sum is compared with HEADROOM x the GPU's memory (CUDA context, allocator fr
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from ..units import parse_bytes  # noqa: F401  (memory sizes in specs and --gpu-mem)
 
 GIB = 2**30
 HEADROOM = 0.9
@@ -22,14 +23,6 @@ DEFAULT_GPU_MEM = 80 * GIB
 # (preset, ZeRO stage, optimizer + parameters offloaded to CPU), in the order `auto` tries them.
 PRESETS = (("zero1-small", 1, False), ("zero2-medium", 2, False), ("zero3-large", 3, False),
            ("zero3-offload-xl", 3, True))
-
-
-def parse_bytes(text: str) -> int:
-    """'80GB', '80GiB', '24G', '81920MB' -> bytes (GB read as GiB, as nvidia-smi's figures are)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.I)
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"not a memory size like 80GB: {text!r}")
-    return int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))
 
 
 def model_states(n_params: int, largest_param: int, zero_stage: int, offload: bool, gpus_per_node: int,
