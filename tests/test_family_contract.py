@@ -79,7 +79,7 @@ def test_family_contract(name, tmp_path):
     assert fam.tokens_per_sample(spec) >= 1
 
     out = tmp_path / "export"
-    fam.export(model, model.state_dict(), data_dir, out)
+    fam.io.export(model, None, torch.float32, data_dir, out, 2**30)   # the trainer's own export path
     loaded = fam.load_export(out)
     model.eval()
     loaded.eval()

@@ -255,7 +255,7 @@ def _export(family, plan: StagePlan, engine, data_dir: Path, out: Path, rank: in
         if rank == 0:
             family.io.export_as_is(plan.source.path, data_dir, out)
         return
-    family.io.export(engine, _dtype(plan.train), data_dir, out, plan.train.export_shard_bytes)
+    family.io.export(engine.module.student, engine, _dtype(plan.train), data_dir, out, plan.train.export_shard_bytes)
 
 
 def _record_done(manifest: Manifest, plan: StagePlan, result: dict, ds_config: dict) -> None:

@@ -39,8 +39,10 @@ class ModelIO(Protocol):
         """(model, partitioned)."""
         ...
 
-    def export(self, engine: Any, dtype: torch.dtype, data_dir: Path, out: Path, shard_bytes: int) -> None:
-        """Collective: every rank calls it; rank 0 writes `out` atomically."""
+    def export(self, student: torch.nn.Module, engine: Any, dtype: torch.dtype, data_dir: Path, out: Path,
+               shard_bytes: int) -> None:
+        """Collective: every rank calls it; rank 0 writes `out` atomically. `engine`: the DeepSpeed
+        engine training `student` (None: a model held whole, outside any engine)."""
         ...
 
     def export_as_is(self, init: Path, data_dir: Path, out: Path) -> None:

@@ -66,7 +66,7 @@ def export_model(model, dtype: torch.dtype, tokenizer_dir: Path, out: Path,
     """Collective: every rank calls it. Rank 0 writes `out` (atomic) as save_pretrained would, holding
     one gathered parameter at a time; tied parameters are written once, under their first name."""
     from transformers import AutoTokenizer
-    rank = dist.get_rank()
+    rank = dist.get_rank() if dist.is_initialized() else 0
     tensors, items, seen = {}, [], set()
     for k, v in model.state_dict(keep_vars=True).items():
         if id(v) in seen:
@@ -152,8 +152,8 @@ class PartitionedHFIO:
         engine, *_ = deepspeed.initialize(model=model, config=t_ds)
         return engine.module.eval(), True
 
-    def export(self, engine, dtype: torch.dtype, data_dir: Path, out: Path, shard_bytes: int) -> None:
-        export_model(engine.module.student, dtype, data_dir / "tokenizer", out, shard_bytes)
+    def export(self, student, engine, dtype: torch.dtype, data_dir: Path, out: Path, shard_bytes: int) -> None:
+        export_model(student, dtype, data_dir / "tokenizer", out, shard_bytes)   # gathers what is partitioned
 
     def export_as_is(self, init: Path, data_dir: Path, out: Path) -> None:
         export_as_is(init, data_dir / "tokenizer", out)

@@ -35,13 +35,16 @@ class InMemoryIO:
     def load_teacher(self, export: Path, dtype: torch.dtype, ds_config: dict) -> tuple[torch.nn.Module, bool]:
         return self._load(export), False
 
-    def export(self, engine, dtype: torch.dtype, data_dir: Path, out: Path, shard_bytes: int) -> None:
+    def export(self, student, engine, dtype: torch.dtype, data_dir: Path, out: Path, shard_bytes: int) -> None:
         import torch.distributed as dist
 
         from ..train.checkpoint import gather_student_state
-        state = gather_student_state(engine)
+        if engine is None:
+            self._save(student, student.state_dict(), data_dir, out)
+            return
+        state = gather_student_state(engine)   # ZeRO-3: DeepSpeed consolidates the partitions on rank 0
         if dist.get_rank() == 0:
-            self._save(engine.module.student, state, data_dir, out)
+            self._save(student, state, data_dir, out)
 
     def export_as_is(self, init: Path, data_dir: Path, out: Path) -> None:
         raise CompTError(f"init: {init}: this family cannot start from an init: model")
