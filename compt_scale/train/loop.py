@@ -18,11 +18,12 @@ from tqdm import tqdm
 from ..data.loader import PrefetchLoader
 from ..data.packed import sample_indices
 from ..errors import EXIT_PREEMPTED, CompTError
-from . import checkpoint, preemption
+from . import checkpoint, ds_patches, preemption
 from .distributed import all_reduce_mean, device
 from .metrics import MetricsLog, StepLosses, Throughput, mfu, peak_flops
 from .objective import AutoAlpha, FrozenTeacher, StudentWithIFD, alpha_at, calibrate_alpha
 from .speedups import apply_speedups
+from .step import train_step
 
 
 @dataclass
@@ -79,6 +80,22 @@ def evaluate(module, val, cfg: LoopConfig) -> float:
     return all_reduce_mean(total.item() / micro_steps)
 
 
+def build_engine(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None, cfg: LoopConfig):
+    """liger / torch.compile applied (blocks compiled before DeepSpeed wraps the model: the compiled
+    forwards run inside the engine's hooks, under every ZeRO stage), then the DeepSpeed engine."""
+    t = cfg.train
+    applied = apply_speedups(student_with_ifd.student, teacher, t, cfg.family,
+                             cfg.family.config_of(student_with_ifd.student), cfg.ds_config["zero_optimization"]["stage"])
+    if dist.get_rank() == 0 and (applied["liger"] or applied["compile"]):
+        print(f"[{cfg.stage}] liger: {applied['liger']}, torch.compile: {applied['compile']}", flush=True)
+    ds_patches.install()
+    engine, _, _, _ = deepspeed.initialize(
+        model=student_with_ifd, model_parameters=param_groups(student_with_ifd, t.weight_decay),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, cfg.steps)),
+        config=cfg.ds_config)
+    return engine
+
+
 def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None, cfg: LoopConfig) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     t = cfg.train
@@ -87,15 +104,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     ckpt_dir = cfg.stage_dir / "checkpoints"
     preempt = preemption.install()  # usually already installed by `stage`, first thing
     student_cfg = cfg.family.config_of(student_with_ifd.student)
-    applied = apply_speedups(student_with_ifd.student, teacher, t, cfg.family, student_cfg,
-                             cfg.ds_config["zero_optimization"]["stage"])
-    if rank == 0 and (applied["liger"] or applied["compile"]):
-        print(f"[{cfg.stage}] liger: {applied['liger']}, torch.compile: {applied['compile']}", flush=True)
-
-    engine, _, _, _ = deepspeed.initialize(
-        model=student_with_ifd, model_parameters=param_groups(student_with_ifd, t.weight_decay),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, cfg.steps)),
-        config=cfg.ds_config)
+    engine = build_engine(student_with_ifd, teacher, cfg)
 
     loop = checkpoint.load(engine, ckpt_dir, cfg.universal_tag) if cfg.resume else None
     if loop is None:
@@ -139,13 +148,8 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
             losses.start_step()
             if teacher is not None and cfg.ifd.enabled:
                 alpha = alpha_at(cfg.ifd.alpha, alpha, step, cfg.steps)
-            for _ in range(t.grad_accum):
-                _, _, batch = next(batches)
-                feats = teacher.features(batch) if (teacher is not None and alpha > 0) else None
-                task, ifd = engine(batch, feats, alpha)
-                engine.backward(task + ifd)
-                engine.step()
-                losses.add(task, ifd)
+            train_step(engine, teacher, batches, alpha, losses, t.grad_accum,
+                       use_teacher=teacher is not None and alpha > 0)
             if auto is not None:  # device scalars, read back at the next eval (no sync here)
                 auto.observe(losses.task.clone(), losses.ifd.clone(), alpha)
             done = step + 1
