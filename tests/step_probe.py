@@ -83,12 +83,38 @@ def main(out: Path) -> None:
         task = float(rig.losses.task)
         rig.close()
     from torch._dynamo.utils import counters
+    graph_breaks = dict(counters["graph_break"])
+    # benchmarks/profile_step.py as a user runs it (tiny form, its own engine, eager), in this process.
+    ps.main(["--cpu-smoke", "--setups", "student+teacher", "--out", str(out.with_suffix(".profile.json"))])
     out.write_text(json.dumps({
         "reads": [{"what": k[0], "where": k[1], "optimizer_host_step": k[2], "n": v} for k, v in reads.items()],
-        "graphs": graphs, "graph_breaks": dict(counters["graph_break"]),
+        "graphs": graphs, "graph_breaks": graph_breaks,
         "teacher_calls": teacher_calls, "teacher_feature_grad": [f.requires_grad or f.grad_fn is not None for f in feats],
         "last_task_loss": task}))
 
 
+def cuda_main(out: Path) -> None:
+    """On a GPU (tests/test_cuda.py): the same rig, bf16, ZeRO-1, train.compile auto (inductor), three
+    steps after two warm-up steps under torch.cuda.set_sync_debug_mode("error"): any synchronizing
+    CUDA call in the step raises."""
+    import profile_step as ps
+    with tempfile.TemporaryDirectory() as tmp:
+        rig = ps.Rig(Path(tmp), ps.SMOKE_STUDENT, ps.SMOKE_TEACHER, dict(ps.SMOKE, seq=256), steps=6,
+                     compile_="auto", zero_stage=1, precision="bf16")
+        for _ in range(2):
+            rig.step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                rig.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        task = float(rig.losses.task)
+        rig.close()
+    out.write_text(json.dumps({"ok": True, "last_task_loss": task}))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    (cuda_main if sys.argv[2:] == ["cuda"] else main)(Path(sys.argv[1]))

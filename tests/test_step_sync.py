@@ -54,6 +54,14 @@ def test_step_makes_no_host_reads_and_runs_compiled_blocks(tmp_path):
                                          for c in seen["teacher_calls"])
     assert seen["teacher_feature_grad"] == [False]
     assert math.isfinite(seen["last_task_loss"])
+    # benchmarks/profile_step.py --cpu-smoke (run by the probe): every range of the step timed, the
+    # IFD range inside the student's forward, host reads counted, top ops listed.
+    prof = json.loads(out.with_suffix(".profile.json").read_text())["setups"]["student+teacher"]
+    ranges = prof["ranges_per_step"]
+    assert set(ranges) == {"teacher", "student_forward", "ifd", "backward", "optimizer"}
+    assert all(r["cpu_ms"] > 0 and r["calls"] == 2 for r in ranges.values())   # 2 profiled steps
+    assert ranges["ifd"]["cpu_ms"] < ranges["student_forward"]["cpu_ms"]
+    assert set(prof["host_reads"]) <= {"item"} and prof["top_ops"] and prof["step_s"] > 0
 
 
 class SDPASpy:
@@ -108,3 +116,14 @@ def test_document_mask_on_cpu_is_the_dense_block_diagonal_mask(monkeypatch):
     with torch.no_grad():
         alone = fam.features(model, (x[:, 3:5],))[0]
     torch.testing.assert_close(feats[:, 3:5], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_placement_rule():
+    from compt_scale.train.teacher_placement import replicate_teacher
+    gib = 2 ** 30
+    # 5% of an 80 GiB device: 4 GiB of bf16 weights = 2^31 parameters.
+    assert replicate_teacher(2 ** 31, torch.bfloat16, 80 * gib)
+    assert not replicate_teacher(2 ** 31 + 1, torch.bfloat16, 80 * gib)
+    assert not replicate_teacher(2 ** 31, torch.float32, 80 * gib)
+    if not torch.cuda.is_available():    # no device memory to decide by: partitioned
+        assert not replicate_teacher(10, torch.bfloat16)

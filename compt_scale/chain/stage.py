@@ -293,6 +293,7 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
             train_macs=(macs["macs"] - per_step_teacher) * steps, teacher_macs=per_step_teacher * steps,
             macs=macs["macs"] * steps, final_val_loss=result["final_val_loss"], alpha=result["alpha"],
             export=f"{name}/model", teacher=pred.name if pred else None, seconds=result["seconds"],
+            gpu_seconds=result["gpu_seconds"],
             growth=growth.__dict__ if pred else None, zero_stage=ds_config["zero_optimization"]["stage"])
     dist.barrier()
     return result

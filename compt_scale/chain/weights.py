@@ -117,8 +117,10 @@ def teacher_ds_config(student_ds: dict) -> dict:
 
 
 def load_teacher(family, export: Path, dtype: torch.dtype, ds_config: dict):
-    """(model, partitioned): a ZeRO-3 inference module under a ZeRO-3 student, else the whole model."""
-    if not is_zero3(ds_config):
+    """(model, partitioned): a ZeRO-3 inference module under a ZeRO-3 student unless it fits whole
+    (train/teacher_placement.py), else the whole model."""
+    from ..train.teacher_placement import replicate_teacher
+    if not is_zero3(ds_config) or replicate_teacher(family.param_count(family.load_config(str(export))), dtype):
         return family.load_export(export), False
     import deepspeed
     t_ds = teacher_ds_config(ds_config)

@@ -154,7 +154,12 @@ def losses(model, batch):
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
         return loss, [out.hidden_states[-1]]
     hidden = model.base_model(**model_inputs(batch, model), use_cache=False).last_hidden_state
-    return chunked_cross_entropy(hidden, model.get_output_embeddings(), labels), [hidden]
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is None and not hasattr(head.weight, "ds_id"):
+        # Whole weight (ZeRO-0/1/2): gradients computed in the forward, no logits recomputed.
+        from .chunked_ce import linear_cross_entropy
+        return linear_cross_entropy(hidden, head.weight, labels, CE_CHUNK_TOKENS), [hidden]
+    return chunked_cross_entropy(hidden, head, labels), [hidden]
 
 
 def memory_shape(config, spec) -> tuple[list[tuple[int, int, int, int]], int]:

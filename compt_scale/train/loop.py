@@ -121,7 +121,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
             else:
                 alpha = alpha_at(cfg.ifd.alpha, 0.0, 0, cfg.steps) if isinstance(cfg.ifd.alpha, dict) \
                     else float(cfg.ifd.alpha)
-        loop = {"step": 0, "alpha": alpha}
+        loop = {"step": 0, "alpha": alpha, "gpu_seconds": 0.0}
         resumed_from = None
     else:
         resumed_from = loop["step"]
@@ -143,6 +143,13 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     with tqdm(total=cfg.steps, initial=start, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True) as bar, \
             batches:
         t0 = time.time()
+        # GPU-seconds: this stage's own wall clock from here (evals and checkpoints included; start-up,
+        # growth and export not) x ranks, carried across resumes in the checkpoint's loop state.
+        gpu_s0 = float(loop.get("gpu_seconds", 0.0))
+
+        def gpu_seconds() -> float:
+            return gpu_s0 + (time.time() - t0) * world
+
         for step in range(start, cfg.steps):
             # The step body only queues work: losses stay on the device, nothing waits for it.
             losses.start_step()
@@ -166,7 +173,8 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
             if st["bad_step"] is not None:
                 raise CompTError(f"stage {cfg.stage}: loss is not finite at step {st['bad_step']} "
                                  f"(task {st['bad_task']:.4g}, ifd {st['bad_ifd']:.4g}); earlier checkpoints kept")
-            rec = {"step": done, "tokens": done * tokens_per_step, "macs": done * cfg.macs_per_step}
+            rec = {"step": done, "tokens": done * tokens_per_step, "macs": done * cfg.macs_per_step,
+                   "gpu_seconds": gpu_seconds()}
             if log_now:
                 rate = speed.rate(done, tokens_per_step)
                 log.write({**rec, "loss": st["task"] + st["ifd"], "task_loss": st["task"], "ifd_loss": st["ifd"],
@@ -182,7 +190,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
                     evrec["alpha"] = alpha
                 log.write(evrec)
             if save_now or st["stop"]:
-                checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha,
+                checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha, "gpu_seconds": gpu_seconds(),
                                                          **(auto.state() if auto is not None else {})}, geometry)
             speed.pause(done)  # eval and checkpoints are not training throughput
             if st["stop"]:
@@ -193,15 +201,19 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
         raise SystemExit(EXIT_PREEMPTED)
     final_val = evaluate(engine, val_data, cfg)
     final_metrics = cfg.family.evaluate(engine.module.student, cfg.spec, cfg.data_dir, final_val)
+    final_gpu_s = gpu_seconds() if start < cfg.steps else float(loop.get("gpu_seconds", 0.0))
     log.write({"final": True, "step": cfg.steps, "tokens": cfg.steps * tokens_per_step,
-               "macs": cfg.steps * cfg.macs_per_step, "val_loss": final_val, **final_metrics})
+               "macs": cfg.steps * cfg.macs_per_step, "gpu_seconds": final_gpu_s, "val_loss": final_val,
+               **final_metrics})
     log.close()
     if start < cfg.steps:  # a finished run resumed again has nothing new to checkpoint
-        checkpoint.save(engine, ckpt_dir, cfg.steps, {"step": cfg.steps, "alpha": alpha}, geometry)
+        checkpoint.save(engine, ckpt_dir, cfg.steps, {"step": cfg.steps, "alpha": alpha, "gpu_seconds": final_gpu_s},
+                        geometry)
     probe = probe_outputs(engine, val_data, cfg.family)
     # The stage exports from the engine (parameter by parameter, or gathered for small families).
     return {"final_val_loss": final_val, "eval": final_metrics, "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
-            "alpha": alpha, "engine": engine, "probe_logits": probe, "seconds": time.time() - t0}
+            "alpha": alpha, "engine": engine, "probe_logits": probe, "seconds": time.time() - t0,
+            "gpu_seconds": final_gpu_s}
 
 
 def probe_outputs(engine, val, family) -> torch.Tensor | None:
