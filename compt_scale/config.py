@@ -131,7 +131,7 @@ class TrainSpec:
     save_every: int = 100
     log_every: int = 10
     export_shard_bytes: int = 5 * 2**30   # max safetensors shard of a stage's export (HF's default)
-    compile: bool = False              # torch.compile the student (in the engine) and the teacher forward
+    compile: bool | str = "auto"       # torch.compile per block, student and teacher: auto (CUDA only) | true | false
     liger: str | bool = "auto"         # liger-kernel for HF Llama-family: auto (if installed + CUDA) | on | off
 
 
@@ -339,6 +339,8 @@ def _validate_section(obj, where: str) -> None:
             obj.liger = "on" if obj.liger else "off"
         if obj.liger not in ("auto", "on", "off"):
             raise CompTError(f"{where}.liger: must be auto, on or off, got {obj.liger!r}")
+        if obj.compile not in (True, False, "auto"):
+            raise CompTError(f"{where}.compile: must be true, false or auto, got {obj.compile!r}")
         if obj.ds_config is not None and not Path(obj.ds_config).is_file():
             raise CompTError(f"{where}.ds_config: file not found: {obj.ds_config}")
     elif isinstance(obj, IFDSpec):

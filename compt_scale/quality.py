@@ -23,13 +23,14 @@ CONVERGED_TAIL = 0.2    # the last 20% of a baseline's run (by MACs) ...
 CONVERGED_TOL = 0.01    # ... may improve its val loss by at most 1% for it to count as converged
 
 
-def eval_curve(metrics: list[dict]) -> list[tuple[float, float]]:
-    """(macs, val_loss) of every eval line and the final line, sorted by macs; one point per macs
-    (the final line wins over an eval at the same step)."""
+def eval_curve(metrics: list[dict], axis: str = "macs") -> list[tuple[float, float]]:
+    """(x, val_loss) of every eval line and the final line, sorted by x; one point per x (the final
+    line wins over an eval at the same step). `axis`: "macs", or "gpu_seconds" (the stage's own wall
+    clock x ranks, train/loop.py): the same definition of matched quality on a wall-clock axis."""
     pts = {}
     for m in sorted(metrics, key=lambda m: bool(m.get("final"))):
-        if m.get("val_loss") is not None and m.get("macs") is not None:
-            pts[float(m["macs"])] = float(m["val_loss"])
+        if m.get("val_loss") is not None and m.get(axis) is not None:
+            pts[float(m[axis])] = float(m["val_loss"])
     return sorted(pts.items())
 
 
@@ -77,13 +78,14 @@ def matched_quality(chain_curve, chain_offset: float, chain_final: float,
             "gap": gap, "lossless": gap <= LOSSLESS, "baseline_improving": still_improving(base_curve)}
 
 
-def describe(name: str, base_name: str, q: dict) -> str:
-    """One line for the terminal and the HTML report."""
+def describe(name: str, base_name: str, q: dict, unit: str = "MACs") -> str:
+    """One line for the terminal and the HTML report (`unit`: the x axis, MACs or GPU-seconds)."""
     if q["chain_macs_to_match"] is None:
         reach = f"never reaches the baseline's final val {q['target']:.4f}: no speedup claimed"
     else:
-        reach = (f"reaches the baseline's final val {q['target']:.4f} at {q['chain_macs_to_match']:.4e} chain "
-                 f"MACs: matched-quality speedup {q['speedup']:.2f}x")
+        at = f"{q['chain_macs_to_match']:.4e}" if unit == "MACs" else f"{q['chain_macs_to_match']:.1f}"
+        reach = (f"reaches the baseline's final val {q['target']:.4f} at {at} chain "
+                 f"{unit}: matched-quality speedup {q['speedup']:.2f}x")
     gap = f"final gap {100 * q['gap']:+.2f}% ({'lossless' if q['lossless'] else 'worse than lossless 0.5%'})"
     imp = q["baseline_improving"]
     conv = ("baseline converged" if imp is None else

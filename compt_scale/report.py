@@ -83,41 +83,53 @@ def _stages(out_dir: Path) -> tuple[dict, list[dict]]:
             mkey = "final_val_loss" if key == "val_loss" else key
             if r.get(mkey) is None and final.get(key) is not None:
                 r[mkey] = final[key]
-        if r.get("macs") is None and r["metrics"]:
-            r["macs"] = max((m.get("macs") or 0) for m in r["metrics"]) or None
+        for axis in ("macs", "gpu_seconds"):
+            if r.get(axis) is None and r["metrics"]:
+                r[axis] = max((m.get(axis) or 0) for m in r["metrics"]) or None
         recs.append(r)
     recs.sort(key=lambda r: (r["kind"] != "chain", r.get("index", 0), r["name"]))
-    offset = 0
+    offset, offset_s = 0, 0.0
     for r in recs:
+        # Where a chain stage starts on each axis: what the earlier chain stages spent.
         r["offset"] = offset if r["kind"] == "chain" else 0
+        r["offset_gpu_seconds"] = offset_s if r["kind"] == "chain" else 0.0
         if r["kind"] == "chain":
             offset += r.get("macs") or 0
+            offset_s += r.get("gpu_seconds") or 0.0
     return manifest, recs
 
 
 def _totals(recs: list[dict]) -> dict:
     chain = sum(r.get("macs") or 0 for r in recs if r["kind"] == "chain")
     base = sum(r.get("macs") or 0 for r in recs if r["kind"] == "baseline")
-    return {"chain_macs": chain, "baseline_macs": base or None, "ratio": (base / chain) if base and chain else None}
+    chain_s = sum(r.get("gpu_seconds") or 0 for r in recs if r["kind"] == "chain")
+    base_s = sum(r.get("gpu_seconds") or 0 for r in recs if r["kind"] == "baseline")
+    return {"chain_macs": chain, "baseline_macs": base or None, "ratio": (base / chain) if base and chain else None,
+            "chain_gpu_seconds": chain_s or None, "baseline_gpu_seconds": base_s or None}
 
 
-def _matched(recs: list[dict]) -> list[str]:
+AXES = {"macs": ("offset", "MACs"), "gpu_seconds": ("offset_gpu_seconds", "GPU-seconds")}
+
+
+def _matched(recs: list[dict], axis: str = "macs") -> list[str]:
     """The matched-quality line (compt_scale.quality) of every chain model that has an independent
-    baseline of the same model with a final val loss."""
+    baseline of the same model with a final val loss, on the MACs or the GPU-seconds axis (the
+    stages' own timers x ranks: train/loop.py; stages run before they were recorded have none)."""
+    offset_key, unit = AXES[axis]
     lines = []
     for r in recs:
         if r["kind"] != "chain":
             continue
         base = next((b for b in recs if b["kind"] == "baseline" and b.get("model") == r.get("model")
-                     and b.get("final_val_loss") is not None and b.get("macs")), None)
-        curve = eval_curve(r["metrics"])
+                     and b.get("final_val_loss") is not None and b.get(axis)), None)
+        curve = eval_curve(r["metrics"], axis)
         if base is None or not curve:
             continue
         final = r.get("final_val_loss") if r.get("final_val_loss") is not None else curve[-1][1]
-        q = matched_quality(curve, r["offset"], final, eval_curve(base["metrics"]), base["macs"],
+        q = matched_quality(curve, r[offset_key], final, eval_curve(base["metrics"], axis), base[axis],
                             base["final_val_loss"])
-        lines.append(describe(r["name"], base["name"], q))
-    return lines + _fairness(recs)
+        lines.append(describe(r["name"], base["name"], q, unit))
+    return lines
 
 
 def _fairness(recs: list[dict]) -> list[str]:
@@ -192,10 +204,19 @@ def report_table(out_dir) -> str:
         lines.append(f"independent baselines total MACs: {_fmt(t['baseline_macs'], 'macs')} "
                      f"({human(t['baseline_macs'])})")
         lines.append(f"baseline / chain total MACs: {t['ratio']:.2f}x (a compute ratio, not matched quality)")
-    matched = _matched(recs)
-    if matched:
-        lines.append("matched quality (MACs the chain spent to reach the baseline's final val loss):")
-        lines += [f"  {m}" for m in matched]
+    if t["chain_gpu_seconds"]:
+        lines.append(f"chain total GPU-seconds: {t['chain_gpu_seconds']:.1f}" + (
+            f"; independent baselines: {t['baseline_gpu_seconds']:.1f} "
+            f"({t['baseline_gpu_seconds'] / t['chain_gpu_seconds']:.2f}x)" if t["baseline_gpu_seconds"] else ""))
+    for axis, what in (("macs", "MACs"), ("gpu_seconds", "GPU-seconds, wall clock x ranks")):
+        matched = _matched(recs, axis)
+        if matched:
+            lines.append(f"matched quality ({what} the chain spent to reach the baseline's final val loss):")
+            lines += [f"  {m}" for m in matched]
+    fairness = _fairness(recs)
+    if fairness:
+        lines.append("baseline fairness and learning rates:")
+        lines += [f"  {m}" for m in fairness]
     return "\n".join(lines)
 
 
@@ -294,12 +315,18 @@ def write_report(out_dir) -> Path:
         summary += (f"<p>Independent baselines total: {esc(human(t['baseline_macs']))} MACs "
                     f"({t['baseline_macs']:.4e}); baseline / chain total MACs = {t['ratio']:.2f}x "
                     f"(a compute ratio, not matched quality).</p>")
-        matched = _matched(recs)
+        matched, matched_s = _matched(recs), _matched(recs, "gpu_seconds")
         if matched:
             summary += ("<h2>Matched quality</h2><p>The MACs the chain (earlier stages and teacher forwards "
                         "included) spent to reach the baseline's final val loss, interpolated on the eval "
                         "curve; lossless = final val within 0.5% of the baseline's.</p><ul>"
                         + "".join(f"<li>{esc(m)}</li>" for m in matched) + "</ul>")
+        if matched_s:
+            summary += ("<p>The same on a wall-clock axis: GPU-seconds (each stage's own training-loop "
+                        "timer, evals and checkpoints included, times its number of ranks).</p><ul>"
+                        + "".join(f"<li>{esc(m)}</li>" for m in matched_s) + "</ul>")
+        if fairness := _fairness(recs):
+            summary += "<ul>" + "".join(f"<li>{esc(m)}</li>" for m in fairness) + "</ul>"
     else:
         summary += "<p>No independent baselines in this run.</p>"
     errors = "".join(f"<li>{esc(r['name'])}: {esc(str(r['error']))}</li>" for r in recs if r.get("error"))

@@ -85,6 +85,13 @@ def test_gpt2_chain_zero0_one_rank(tmp_path, tiny_data):
     assert model.config.model_type == "gpt2" and model.config.n_embd == 128
     gen = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, do_sample=False)
     assert gen.shape == (1, 8)
+    # GPU-seconds (the report's wall-clock axis): the stage's loop timer x ranks, rising along the
+    # metrics, the final line's figure in the manifest, within the stage's own measured seconds.
+    for name in ("a", "b"):
+        secs = [r["gpu_seconds"] for r in read_metrics(out / name) if "gpu_seconds" in r]
+        assert secs == sorted(secs) and secs[0] > 0
+        assert manifest[name]["gpu_seconds"] == secs[-1] <= manifest[name]["seconds"] * manifest[name]["world_size"]
+    assert "chain total GPU-seconds" in run_cli("report", out).stdout
     # `compt-scale plan` predicts exactly what the run recorded (same accounting, no drift).
     for row in plan_rows(load_chain(spec)):
         assert (row["params"], row["steps"], row["macs"]) == \

@@ -93,3 +93,46 @@ def test_two_stage_bf16_chain_on_one_gpu_and_exports_load(tmp_path, tiny_data):
     assert manifest["b"]["teacher"] == "a"
     ifd = [json.loads(l).get("ifd_loss") for l in (out / "b" / "metrics.jsonl").read_text().splitlines()]
     assert any(v and v > 0 for v in ifd)
+
+
+def test_step_makes_no_synchronizing_cuda_call(tmp_path):
+    """Three compiled bf16 steps with a teacher and IFD under set_sync_debug_mode("error") (its own
+    process: a world of one; tests/step_probe.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from compt_scale.train.distributed import free_port
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    out = tmp_path / "probe.json"
+    p = subprocess.run([sys.executable, str(root / "tests" / "step_probe.py"), str(out), "cuda"], cwd=root,
+                       env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-5000:]
+    assert json.loads(out.read_text())["ok"] is True
+
+
+def test_grown_chain_bf16_zero3_through_cli(tmp_path, tiny_data):
+    """The configuration the README recommends for LLMs: a grown 2-stage chain, bf16, ZeRO-3,
+    train.compile auto (on: blocks compiled), teacher + IFD, through `compt-scale chain`."""
+    from transformers import AutoModelForCausalLM
+    stages = [{"name": "a", "model": "llama-xs", "tokens": 20 * 4 * 32},
+              {"name": "b", "grow_to": {"width": "2x", "depth": "2x"}, "tokens": 20 * 4 * 32}]
+    spec = write_spec(tmp_path / "z3.yaml", stages, data_dir=tiny_data,
+                      train={"precision": "bf16", "zero_stage": 3})
+    out = tmp_path / "o"
+    proc = run_cli("chain", spec, "--out", out, timeout=900)
+    assert "torch.compile: True" in proc.stdout + proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())["stages"]
+    for name in ("a", "b"):
+        assert manifest[name]["status"] == "done" and manifest[name]["zero_stage"] == 3
+        assert manifest[name]["gpu_seconds"] > 0
+        recs = [json.loads(l) for l in (out / name / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in recs if "loss" in r]
+        assert train[-1]["loss"] < train[0]["loss"]
+        AutoModelForCausalLM.from_pretrained(out / name / "model")
+    assert manifest["b"]["teacher"] == "a" and manifest["b"]["teacher_macs"] > 0
+    assert all(r["ifd_loss"] > 0 for r in (json.loads(l) for l in (out / "b" / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r)

@@ -53,6 +53,10 @@ def test_fill_from_trainspec():
     assert cfg["gradient_clipping"] == 0.5 and cfg["bf16"]["enabled"] is True
     assert cfg["communication_data_type"] == "fp32"                 # bf16 gradients reduced in fp32
     assert "communication_data_type" not in build_ds_config(10, TrainSpec(), 1, cuda=True)
+    # One rank reduces nothing: no fp32 cast of every gradient per step.
+    assert "communication_data_type" not in build_ds_config(10, TrainSpec(precision="bf16"), 1, cuda=True)
+    assert cfg["timers"]["throughput"]["synchronized"] is False     # DeepSpeed's timer syncs otherwise
+    assert cfg["bf16"]["check_grad_overflow"] is False              # ds_patches: no read-back per step
     p = cfg["optimizer"]["params"]
     assert cfg["optimizer"]["type"] == "AdamW"
     assert (p["lr"], p["weight_decay"], p["betas"], p["eps"]) == (3e-4, 0.05, [0.9, 0.95], 1e-8)
@@ -151,7 +155,7 @@ def test_deepspeed_initialize_accepts_presets_on_cpu(tmp_path):
     res = json.loads(lines[-1][len("RESULT "):])
     assert [x["stage"] for x in res] == [1, 2, 3, 3, 0, 1, 3]
     assert [x["bf16"] for x in res] == [False] * 5 + [True, True]
-    assert [x["comm"] for x in res][-2:] == ["torch.float32"] * 2     # bf16: gradients reduced in fp32
+    assert [x["comm"] for x in res][-2:] == ["torch.bfloat16"] * 2    # bf16 on one rank: no fp32 reduction
     for x in res:
         assert x["opt"] == "AdamW" and x["moved"] and x["global_steps"] == 2, x
         assert x["lr"] == pytest.approx(2e-3 * 0.5), x

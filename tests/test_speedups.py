@@ -50,7 +50,9 @@ def test_liger_yaml_on_off_and_bad_value(tmp_path):
     # A bare YAML `on` / `off` arrives as a boolean.
     assert parse_chain({**base, "train": {"liger": True}}).train.liger == "on"
     assert parse_chain({**base, "train": {"liger": False}}).train.liger == "off"
-    assert parse_chain(base).train.liger == "auto" and parse_chain(base).train.compile is False
+    assert parse_chain(base).train.liger == "auto" and parse_chain(base).train.compile == "auto"
+    with pytest.raises(CompTError, match=r"train\.compile: must be true, false or auto"):
+        parse_chain({**base, "train": {"compile": "yes"}})
     with pytest.raises(CompTError, match=r"train\.liger: must be auto, on or off"):
         parse_chain({**base, "train": {"liger": "fast"}})
 
@@ -89,6 +91,6 @@ def test_compiled_teacher_features_match_eager():
     eager = teacher.features(batch)
     teacher.compile()
     compiled = teacher.features(batch)
-    assert teacher._features is not fam.features  # really the compiled function
+    assert all(getattr(b, "_compt_compiled", False) for b in teacher.model.base_model.layers)
     for c, e in zip(compiled, eager, strict=True):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)

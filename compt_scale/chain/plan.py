@@ -18,6 +18,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from ..config import ChainSpec, GrowthSpec, IFDSpec, StageSpec, TrainSpec
 from ..errors import CompTError
 from ..families import get_family
@@ -80,6 +82,14 @@ class StagePlan:
         """Whether the student starts from its source's weights (`growth.init: random` keeps the
         student's own init and uses the predecessor only as the teacher; an init: dir is always read)."""
         return self.source is not None and (self.growth.init == "grow" or self.source.kind == "init")
+
+    @cached_property
+    def replicate_teacher(self) -> bool:
+        """Under a ZeRO-3 student, a teacher whose weights fit is replicated rather than partitioned
+        (train/teacher_placement.py): a partitioned one all-gathers every layer in every forward."""
+        from ..train.teacher_placement import replicate_teacher
+        dtype = torch.bfloat16 if self.train.precision == "bf16" else torch.float32
+        return self.teacher is not None and replicate_teacher(self.teacher_params, dtype)
 
     def cost(self) -> dict:
         """MACs of the whole stage (train_macs, teacher_macs, macs)."""

@@ -240,7 +240,8 @@ def _materialize(family, plan: StagePlan, ds_config: dict, stage_dir: Path, rank
     teacher, heads = None, None
     if plan.teacher is not None:
         dtype = _dtype(plan.train)
-        t_model, partitioned = _loading(plan.name, src.path, lambda: io.load_teacher(src.path, dtype, ds_config))
+        t_model, partitioned = _loading(plan.name, src.path, lambda: io.load_teacher(
+            src.path, dtype, ds_config, plan.replicate_teacher))
         teacher = FrozenTeacher(family, t_model, dtype, device(), partitioned=partitioned)
         heads = io.ifd_heads(plan.student, plan.teacher, plan.ifd, ds_config)
     if plan.train.activation_checkpointing:
@@ -265,7 +266,7 @@ def _record_done(manifest: Manifest, plan: StagePlan, result: dict, ds_config: d
         train_macs=cost["train_macs"], teacher_macs=cost["teacher_macs"], macs=cost["macs"],
         final_val_loss=result["final_val_loss"], alpha=result["alpha"], export=f"{plan.name}/model",
         teacher=plan.source.stage if plan.teacher is not None and plan.source else None,
-        seconds=result["seconds"], growth=plan.growth.__dict__ if plan.source and plan.source.kind == "predecessor"
+        seconds=result["seconds"], gpu_seconds=result["gpu_seconds"], growth=plan.growth.__dict__ if plan.source and plan.source.kind == "predecessor"
         else None, zero_stage=ds_config["zero_optimization"]["stage"],
         **lr_rule.describe(plan.train, plan.student, plan.spec.family))
 

@@ -34,9 +34,9 @@ class ModelIO(Protocol):
         """Grow (or copy) the checkpoint at `source` into the live student; the growth report."""
         ...
 
-    def load_teacher(self, export: Path, dtype: torch.dtype,
-                     ds_config: dict) -> tuple[torch.nn.Module, bool]:
-        """(model, partitioned)."""
+    def load_teacher(self, export: Path, dtype: torch.dtype, ds_config: dict,
+                     replicate: bool) -> tuple[torch.nn.Module, bool]:
+        """(model, partitioned). `replicate`: whole on every rank even under a ZeRO-3 student."""
         ...
 
     def export(self, student: torch.nn.Module, engine: Any, dtype: torch.dtype, data_dir: Path, out: Path,

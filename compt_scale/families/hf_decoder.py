@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from ..errors import CompTError, read_json
 from ..resources import MODELS, resource
 from .base import Family
+from .hf_attention import use_causal_sdpa
 from .hf_io import PartitionedHFIO
 
 PRESET_DIR = resource(MODELS, "hf_decoder")
@@ -78,27 +79,25 @@ def build(config: PretrainedConfig, seed: int) -> torch.nn.Module:
     from transformers.integrations import is_deepspeed_zero3_enabled
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    use_causal_sdpa(model)
     return model if is_deepspeed_zero3_enabled() else model.float()
 
 
 CE_CHUNK_TOKENS = 2048   # tokens per chunk of the loss: fp32 logits of at most this many are alive
 
 
-def model_inputs(batch) -> dict:
+def model_inputs(batch, model=None) -> dict:
     """Keyword inputs of an HF decoder for a batch (input_ids, labels[, position_ids]).
 
-    With position ids (packed documents, `data.doc_mask`), positions restart after each EOS and a
-    block-diagonal causal mask [B, 1, T, T] (bool, True = attend) keeps attention inside each
-    document: HF passes a 4D mask to sdpa as is.
+    Without position ids no mask at all: the attention is causal SDPA (`is_causal=True`, flash/cuDNN
+    eligible; hf_attention.py). With position ids (packed documents, `data.doc_mask`), positions
+    restart after each EOS and attention stays inside each document: a flex-attention BlockMask on
+    CUDA, a block-diagonal causal mask [B, 1, T, T] (bool, True = attend) elsewhere.
     """
     if len(batch) < 3:
         return {"input_ids": batch[0]}
-    pos = batch[2]
-    doc = (pos == 0).cumsum(dim=1)
-    T = pos.size(1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=pos.device).tril()
-    mask = (doc[:, :, None] == doc[:, None, :]) & causal
-    return {"input_ids": batch[0], "position_ids": pos, "attention_mask": mask[:, None]}
+    from .hf_attention import attention_inputs
+    return {"input_ids": batch[0], "position_ids": batch[2], **attention_inputs(model, batch[2])}
 
 
 def _chunk_ce(head, hidden, labels):
@@ -142,17 +141,22 @@ def losses(model, batch):
         # liger's fused linear cross-entropy: the [B*T, vocab] logits are never materialized. The
         # final hidden state is the same tensor out.hidden_states[-1] would be (post final norm).
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-        h = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
+        h = model.base_model(**model_inputs(batch, model), use_cache=False).last_hidden_state
         loss = LigerFusedLinearCrossEntropyLoss()(model.get_output_embeddings().weight,
                                                   h.reshape(-1, h.size(-1)), labels.reshape(-1))
         return loss, [h]
     if not _plain_head(model):
-        out = model(**model_inputs(batch), output_hidden_states=True, use_cache=False)
+        out = model(**model_inputs(batch, model), output_hidden_states=True, use_cache=False)
         logits = out.logits
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))
         return loss, [out.hidden_states[-1]]
-    hidden = model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state
-    return chunked_cross_entropy(hidden, model.get_output_embeddings(), labels), [hidden]
+    hidden = model.base_model(**model_inputs(batch, model), use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is None and not hasattr(head.weight, "ds_id"):
+        # Whole weight (ZeRO-0/1/2): gradients computed in the forward, no logits recomputed.
+        from .chunked_ce import linear_cross_entropy
+        return linear_cross_entropy(hidden, head.weight, labels, CE_CHUNK_TOKENS), [hidden]
+    return chunked_cross_entropy(hidden, head, labels), [hidden]
 
 
 def memory_shape(config, spec) -> tuple[list[tuple[int, int, int, int]], int]:
@@ -192,8 +196,9 @@ def apply_liger(model) -> None:
 
 
 def features(model, batch):
-    """The teacher's side: the same final hidden state, without the LM head."""
-    return [model.base_model(**model_inputs(batch), use_cache=False).last_hidden_state]
+    """The teacher's side: the same final hidden state, without the LM head (only the last hidden
+    state is asked for: no output_hidden_states, so no layer's activations are kept)."""
+    return [model.base_model(**model_inputs(batch, model), use_cache=False).last_hidden_state]
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -271,7 +276,9 @@ def stage_macs(student_config, teacher_config, spec, samples: int) -> dict:
 
 def load_export(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Shard by shard; inside deepspeed.zero.Init (partitioned) when an HfDeepSpeedConfig for ZeRO-3 is alive."""
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    use_causal_sdpa(model)
+    return model
 
 
 def evaluate(model, spec, data_dir, val_loss: float) -> dict:

@@ -140,9 +140,11 @@ class PartitionedHFIO:
         reader = SafetensorsReader(source) if dist.get_rank() == 0 else {}
         return grow_into_model(student, reader, source_cfg, cfg, width=growth.width, depth=growth.depth)
 
-    def load_teacher(self, export: Path, dtype: torch.dtype, ds_config: dict) -> tuple[torch.nn.Module, bool]:
-        """(model, partitioned): a ZeRO-3 inference module under a ZeRO-3 student, else the whole model."""
-        if not is_zero3(ds_config):
+    def load_teacher(self, export: Path, dtype: torch.dtype, ds_config: dict,
+                     replicate: bool) -> tuple[torch.nn.Module, bool]:
+        """(model, partitioned): a ZeRO-3 inference module under a ZeRO-3 student unless the plan
+        replicates it (it fits whole: train/teacher_placement.py), else the whole model."""
+        if not is_zero3(ds_config) or replicate:
             return self._load(export), False
         import deepspeed
         t_ds = teacher_ds_config(ds_config)

@@ -32,7 +32,8 @@ class InMemoryIO:
         student.load_state_dict(grown)
         return report
 
-    def load_teacher(self, export: Path, dtype: torch.dtype, ds_config: dict) -> tuple[torch.nn.Module, bool]:
+    def load_teacher(self, export: Path, dtype: torch.dtype, ds_config: dict,
+                     replicate: bool) -> tuple[torch.nn.Module, bool]:
         return self._load(export), False
 
     def export(self, student, engine, dtype: torch.dtype, data_dir: Path, out: Path, shard_bytes: int) -> None:

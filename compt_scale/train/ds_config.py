@@ -128,10 +128,19 @@ def build_ds_config(n_params: int, train, world_size: int, cuda: bool | None = N
     if cfg.get("fp16", {}).get("enabled") not in (None, False, "auto"):
         raise CompTError("ds_config fp16.enabled: fp16 is not supported; use train.precision: bf16")
     cfg.pop("fp16", None)
+    # No per-step overflow read-back: the trainer's on-device finiteness check stands in (ds_patches.py).
+    if bf16["enabled"]:
+        bf16.setdefault("check_grad_overflow", False)
     # Gradients are reduced across ranks in fp32 when training in bf16: a sum of many bf16 gradients
     # loses most of its mantissa (8 bits). Costs 2x the reduction bandwidth; a user config may say bf16.
-    if train.precision == "bf16" and cfg.get("communication_data_type", "auto") == "auto":
-        cfg["communication_data_type"] = "fp32"
+    # On one rank there is no reduction: fp32 would only add a cast of every gradient per step.
+    if cfg.get("communication_data_type", "auto") == "auto":
+        cfg.pop("communication_data_type", None)
+        if train.precision == "bf16" and world_size > 1:
+            cfg["communication_data_type"] = "fp32"
+    # DeepSpeed's throughput timer synchronizes the device at every step by default (and reports
+    # what the trainer's own tokens/s already logs): off unless a user config asks for it.
+    cfg.setdefault("timers", {"throughput": {"enabled": False, "synchronized": False}})
 
     opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):

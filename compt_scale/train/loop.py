@@ -18,11 +18,12 @@ from tqdm import tqdm
 
 from ..data.loader import PrefetchLoader, first_batches
 from ..errors import EXIT_PREEMPTED, CompTError
-from . import checkpoint, lr_rule, preemption
+from . import checkpoint, ds_patches, lr_rule, preemption
 from .distributed import all_reduce_mean, device
 from .metrics import MetricsLog, StepLosses, Throughput, mfu, peak_flops
 from .objective import AutoAlpha, FrozenTeacher, StudentWithIFD, alpha_at, calibrate_alpha
 from .speedups import apply_speedups
+from .step import train_step
 
 
 @dataclass
@@ -73,6 +74,24 @@ def evaluate(module, val, cfg: LoopConfig) -> float:
     return all_reduce_mean(total.item() / micro_steps)
 
 
+def build_engine(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None, cfg: LoopConfig):
+    """liger / torch.compile applied (blocks compiled before DeepSpeed wraps the model: the compiled
+    forwards run inside the engine's hooks, under every ZeRO stage), then the DeepSpeed engine."""
+    t = cfg.train
+    applied = apply_speedups(student_with_ifd.student, teacher, t, cfg.family,
+                             cfg.family.config_of(student_with_ifd.student), cfg.ds_config["zero_optimization"]["stage"])
+    if dist.get_rank() == 0 and (applied["liger"] or applied["compile"]):
+        print(f"[{cfg.stage}] liger: {applied['liger']}, torch.compile: {applied['compile']}", flush=True)
+    ds_patches.install()
+    engine, _, _, _ = deepspeed.initialize(
+        model=student_with_ifd,   # muP-style lr per model size (train/lr_rule.py)
+        model_parameters=lr_rule.param_groups(student_with_ifd, t, cfg.family.config_of(student_with_ifd.student),
+                                              cfg.spec.family),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, cfg.steps)),
+        config=cfg.ds_config)
+    return engine
+
+
 def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None, cfg: LoopConfig) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     t = cfg.train
@@ -81,16 +100,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     ckpt_dir = cfg.stage_dir / "checkpoints"
     preempt = preemption.install()  # usually already installed by `stage`, first thing
     student_cfg = cfg.family.config_of(student_with_ifd.student)
-    applied = apply_speedups(student_with_ifd.student, teacher, t, cfg.family, student_cfg,
-                             cfg.ds_config["zero_optimization"]["stage"])
-    if rank == 0 and (applied["liger"] or applied["compile"]):
-        print(f"[{cfg.stage}] liger: {applied['liger']}, torch.compile: {applied['compile']}", flush=True)
-
-    groups = lr_rule.param_groups(student_with_ifd, t, student_cfg, cfg.spec.family)  # muP-style lr per size
-    engine, _, _, _ = deepspeed.initialize(
-        model=student_with_ifd, model_parameters=groups,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, cfg.steps)),
-        config=cfg.ds_config)
+    engine = build_engine(student_with_ifd, teacher, cfg)
 
     loop = checkpoint.load(engine, ckpt_dir, cfg.universal_tag) if cfg.resume else None
     if loop is None:
@@ -105,7 +115,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
             else:
                 alpha = alpha_at(cfg.ifd.alpha, 0.0, 0, cfg.steps) if isinstance(cfg.ifd.alpha, dict) \
                     else float(cfg.ifd.alpha)
-        loop = {"step": 0, "alpha": alpha}
+        loop = {"step": 0, "alpha": alpha, "gpu_seconds": 0.0}
         resumed_from = None
     else:
         resumed_from = loop["step"]
@@ -127,18 +137,20 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     with tqdm(total=cfg.steps, initial=start, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True) as bar, \
             batches:
         t0 = time.time()
+        # GPU-seconds: this stage's own wall clock from here (evals and checkpoints included; start-up,
+        # growth and export not) x ranks, carried across resumes in the checkpoint's loop state.
+        gpu_s0 = float(loop.get("gpu_seconds", 0.0))
+
+        def gpu_seconds() -> float:
+            return gpu_s0 + (time.time() - t0) * world
+
         for step in range(start, cfg.steps):
             # The step body only queues work: losses stay on the device, nothing waits for it.
             losses.start_step()
             if teacher is not None and cfg.ifd.enabled:
                 alpha = alpha_at(cfg.ifd.alpha, alpha, step, cfg.steps)
-            for _ in range(t.grad_accum):
-                _, _, batch = next(batches)
-                feats = teacher.features(batch) if (teacher is not None and alpha > 0) else None
-                task, ifd = engine(batch, feats, alpha)
-                engine.backward(task + ifd)
-                engine.step()
-                losses.add(task, ifd)
+            train_step(engine, teacher, batches, alpha, losses, t.grad_accum,
+                       use_teacher=teacher is not None and alpha > 0)
             if auto is not None:  # device scalars, read back at the next eval (no sync here)
                 auto.observe(losses.task.clone(), losses.ifd.clone(), alpha)
             done = step + 1
@@ -155,7 +167,8 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
             if st["bad_step"] is not None:
                 raise CompTError(f"stage {cfg.stage}: loss is not finite at step {st['bad_step']} "
                                  f"(task {st['bad_task']:.4g}, ifd {st['bad_ifd']:.4g}); earlier checkpoints kept")
-            rec = {"step": done, "tokens": done * tokens_per_step, "macs": done * cfg.macs_per_step}
+            rec = {"step": done, "tokens": done * tokens_per_step, "macs": done * cfg.macs_per_step,
+                   "gpu_seconds": gpu_seconds()}
             if log_now:
                 rate = speed.rate(done, tokens_per_step)
                 log.write({**rec, "loss": st["task"] + st["ifd"], "task_loss": st["task"], "ifd_loss": st["ifd"],
@@ -171,7 +184,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
                     evrec["alpha"] = alpha
                 log.write(evrec)
             if save_now or st["stop"]:
-                checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha,
+                checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha, "gpu_seconds": gpu_seconds(),
                                                          **(auto.state() if auto is not None else {})}, geometry)
             speed.pause(done)  # eval and checkpoints are not training throughput
             if st["stop"]:
@@ -182,15 +195,19 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
         raise SystemExit(EXIT_PREEMPTED)
     final_val = evaluate(engine, val_data, cfg)
     final_metrics = cfg.family.evaluate(engine.module.student, cfg.spec, cfg.data_dir, final_val)
+    final_gpu_s = gpu_seconds() if start < cfg.steps else float(loop.get("gpu_seconds", 0.0))
     log.write({"final": True, "step": cfg.steps, "tokens": cfg.steps * tokens_per_step,
-               "macs": cfg.steps * cfg.macs_per_step, "val_loss": final_val, **final_metrics})
+               "macs": cfg.steps * cfg.macs_per_step, "gpu_seconds": final_gpu_s, "val_loss": final_val,
+               **final_metrics})
     log.close()
     if start < cfg.steps:  # a finished run resumed again has nothing new to checkpoint
-        checkpoint.save(engine, ckpt_dir, cfg.steps, {"step": cfg.steps, "alpha": alpha}, geometry)
+        checkpoint.save(engine, ckpt_dir, cfg.steps, {"step": cfg.steps, "alpha": alpha, "gpu_seconds": final_gpu_s},
+                        geometry)
     probe = probe_outputs(engine, val_data, cfg.family)
     # The stage exports from the engine (parameter by parameter, or gathered for small families).
     return {"final_val_loss": final_val, "eval": final_metrics, "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
-            "alpha": alpha, "engine": engine, "probe_logits": probe, "seconds": time.time() - t0}
+            "alpha": alpha, "engine": engine, "probe_logits": probe, "seconds": time.time() - t0,
+            "gpu_seconds": final_gpu_s}
 
 
 def probe_outputs(engine, val, family) -> torch.Tensor | None:

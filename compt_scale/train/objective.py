@@ -9,6 +9,7 @@ import math
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from ..errors import CompTError
 from ..kernels.unit_ifd import UnitIFDProjection  # noqa: F401  (CLIP's `ifd.normalize: before` head)
@@ -29,30 +30,45 @@ class StudentWithIFD(nn.Module):
         if self.ifd is None or teacher_features is None:
             return task, torch.zeros((), device=task.device)
         # Each T runs inside its own module's forward so ZeRO-3 gathers its weight for the kernel.
-        terms = [head(f_s, f_t, alpha=alpha) for head, f_s, f_t in zip(self.ifd, features, teacher_features, strict=True)]
+        with record_function("ifd"):
+            terms = [head(f_s, f_t, alpha=alpha)
+                     for head, f_s, f_t in zip(self.ifd, features, teacher_features, strict=True)]
         return task, sum(terms) / len(terms)
 
 
 class FrozenTeacher:
     """The predecessor's export, used only for its features: replicated, or (partitioned=True) a
-    ZeRO-3 inference module already placed by DeepSpeed (chain/weights.py load_teacher)."""
+    ZeRO-3 inference module already placed by DeepSpeed (chain/weights.py load_teacher).
+
+    At its FLOP share: in the training dtype, forward only under `torch.inference_mode` (no autograd
+    graph, no version counters), only the final hidden state asked for, and with train.compile its
+    blocks compiled as the student's are. A partitioned teacher runs under `no_grad` instead: ZeRO-3
+    gathers parameters into `param.data` in its hooks, and inference tensors written there would be
+    refused outside inference mode when it releases them."""
 
     def __init__(self, family, model: nn.Module, dtype: torch.dtype, device: torch.device,
                  partitioned: bool = False):
         self.family = family
+        self.partitioned = partitioned
         self.model = model.eval() if partitioned else model.to(device=device, dtype=dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.config = family.config_of(model)
-        self._features = family.features
 
     def compile(self) -> None:
-        """torch.compile the feature forward (train.compile)."""
-        self._features = torch.compile(self.family.features)
+        """torch.compile the teacher's blocks (train.compile), as the student's."""
+        from .compile import compile_blocks
+        compile_blocks(self.model)
 
-    @torch.no_grad()
     def features(self, batch) -> list[torch.Tensor]:
-        return self._features(self.model, batch)
+        if self.partitioned:
+            with torch.no_grad():
+                return self.family.features(self.model, batch)
+        with torch.inference_mode():
+            feats = self.family.features(self.model, batch)
+        # Out of inference mode: the IFD loss may save the teacher's features for its backward, which
+        # an inference tensor cannot be. One copy of the final hidden state (d_teacher per token).
+        return [f.clone() for f in feats]
 
 
 def calibrate_alpha(module: StudentWithIFD, teacher: FrozenTeacher, batches, ratio: float,

@@ -4,9 +4,9 @@
   cross-entropy for HF Llama-family decoders. `auto` uses it only when the device is CUDA and the
   package is installed (checked without importing it, so CPU runs never touch it); `on` insists and
   says in one line why it cannot. liger ships as the optional `[gpu]` extra.
-- `train.compile: true`: `torch.compile` of the student model, in place (`nn.Module.compile`, so
-  parameter names, checkpoints and exports are unchanged; the IFD projection stays eager: on CUDA it
-  is already one fused Triton kernel), and of the teacher's feature forward.
+- `train.compile: auto | true | false`: `torch.compile` of every transformer block of the student and
+  of the teacher, fullgraph (train/compile.py; auto: on CUDA only). The IFD projection stays eager: on
+  CUDA it is its own fused kernel.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import importlib.util
 import torch
 
 from ..errors import CompTError
+from .compile import compile_blocks
+from .compile import wanted as compile_wanted
 
 
 def liger_wanted(mode: str, family, config, zero_stage: int) -> bool:
@@ -47,8 +49,9 @@ def apply_speedups(student: torch.nn.Module, teacher, train, family, config, zer
         family.apply_liger(student)
         if teacher is not None:
             family.apply_liger(teacher.model)
-    if train.compile:
-        student.compile()
+    compiled = compile_wanted(train.compile)
+    if compiled:
+        compile_blocks(student)
         if teacher is not None:
             teacher.compile()
-    return {"liger": liger, "compile": bool(train.compile)}
+    return {"liger": liger, "compile": compiled}
