@@ -5,12 +5,13 @@ A chain spec is YAML. Every problem is reported as one CompTError naming the fie
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -123,7 +124,7 @@ class TrainSpec:
     grad_clip: float = 1.0
     zero_stage: int | str = "auto"     # 0-3, or "auto": the ds_configs preset picked by size
     ds_config: str | None = None       # explicit DeepSpeed JSON (overrides the preset)
-    precision: str = "fp32"            # fp32 | bf16
+    precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False  # recompute each layer in backward (non-reentrant)
     gpu_mem: str | None = None         # e.g. "80GB": what zero_stage auto fits into (default: the device's)
     eval_every: int = 50
@@ -142,16 +143,16 @@ class IFDSpec:
     alpha: float | str | dict = "auto"
     ratio: float = 0.1
     calib_batches: int = 4
-    normalize: str = "before"          # CLIP: T before ("before") or after the embeddings' L2 norm
+    normalize: Literal["before", "after"] = "before"   # CLIP: T before ("before") or after the embeddings' L2 norm
     enabled: bool = True
-    kernel: str = "auto"               # the fused IFD loss: auto (Triton on CUDA) | triton | reference
+    kernel: Literal["auto", "triton", "reference"] = "auto"   # the fused IFD loss: auto (Triton on CUDA) | triton | reference
 
 
 @dataclass
 class GrowthSpec:
     width: str = "insert"
     depth: str = "duplicate"
-    init: str = "grow"   # "random": keep the student's own init, teacher only (paper Table 4(b) "IFD only")
+    init: Literal["grow", "random"] = "grow"   # "random": keep the student's own init, teacher only (paper Table 4(b) "IFD only")
 
 
 @dataclass
@@ -274,7 +275,17 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise CompTError(f"{where}: expected a mapping, got {value!r}")
         return value
-    return value
+    if t.startswith("Literal["):   # an enumerated option: validated from its annotation
+        options = ast.literal_eval(f"({t[len('Literal['):-1]},)")
+        if value not in options:
+            names = [repr(o) for o in options]
+            raise CompTError(f"{where}: must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
+        return value
+    if t in ("bool | str", "str | bool"):   # train.compile / train.liger: true/false or a word
+        if not isinstance(value, (bool, str)):
+            raise CompTError(f"{where}: expected true/false or a word, got {value!r}")
+        return value
+    raise TypeError(f"{where}: no coercion for the annotation {t!r}")   # a new field type: add it above
 
 
 def _build(cls, raw: dict, where: str):
@@ -312,90 +323,103 @@ def _check_alpha_schedule(sched: dict, where: str) -> None:
 
 
 def _validate_section(obj, where: str) -> None:
+    """Value checks beyond the types (`_coerce` checked those, Literal options included)."""
     if isinstance(obj, TrainSpec):
-        for k in ("micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "log_every",
-                  "export_shard_bytes"):
-            if getattr(obj, k) <= 0:
-                raise CompTError(f"{where}.{k}: must be positive, got {getattr(obj, k)}")
-        if obj.warmup_steps < 0:
-            raise CompTError(f"{where}.warmup_steps: must be >= 0")
-        if not obj.lr > 0 or not math.isfinite(obj.lr):
-            raise CompTError(f"{where}.lr: must be a positive number, got {obj.lr}")
-        if obj.lr_base_width is not None and obj.lr_base_width <= 0:
-            raise CompTError(f"{where}.lr_base_width: must be a positive integer, got {obj.lr_base_width}")
-        if not 0 <= obj.min_lr_ratio <= 1:
-            raise CompTError(f"{where}.min_lr_ratio: must be in [0, 1]")
-        if obj.zero_stage != "auto" and obj.zero_stage not in (0, 1, 2, 3):
-            raise CompTError(f"{where}.zero_stage: must be 0, 1, 2, 3 or 'auto', got {obj.zero_stage!r}")
-        if obj.gpu_mem is not None:
-            from .units import parse_bytes
-            try:
-                parse_bytes(obj.gpu_mem)
-            except ValueError as e:
-                raise CompTError(f"{where}.gpu_mem: {e}") from None
-        if obj.precision not in ("fp32", "bf16"):
-            raise CompTError(f"{where}.precision: must be fp32 or bf16, got {obj.precision!r}")
-        if isinstance(obj.liger, bool):  # YAML 1.1 reads a bare on/off as true/false
-            obj.liger = "on" if obj.liger else "off"
-        if obj.liger not in ("auto", "on", "off"):
-            raise CompTError(f"{where}.liger: must be auto, on or off, got {obj.liger!r}")
-        if obj.compile not in (True, False, "auto"):
-            raise CompTError(f"{where}.compile: must be true, false or auto, got {obj.compile!r}")
-        if obj.ds_config is not None and not Path(obj.ds_config).is_file():
-            raise CompTError(f"{where}.ds_config: file not found: {obj.ds_config}")
+        _validate_train(obj, where)
     elif isinstance(obj, IFDSpec):
-        if isinstance(obj.alpha, dict):
-            _check_alpha_schedule(obj.alpha, f"{where}.alpha")
-        elif obj.alpha != "auto" and (not isinstance(obj.alpha, float) or obj.alpha < 0):
-            raise CompTError(f"{where}.alpha: must be 'auto', a number >= 0 or {{schedule: linear, start, end}}, "
-                             f"got {obj.alpha!r}")
-        if obj.normalize not in ("before", "after"):
-            raise CompTError(f"{where}.normalize: must be 'before' or 'after', got {obj.normalize!r}")
-        if obj.kernel not in ("auto", "triton", "reference"):
-            raise CompTError(f"{where}.kernel: must be 'auto', 'triton' or 'reference', got {obj.kernel!r}")
-        if obj.ratio <= 0:
-            raise CompTError(f"{where}.ratio: must be positive")
-        if obj.calib_batches <= 0:
-            raise CompTError(f"{where}.calib_batches: must be positive")
-    elif isinstance(obj, GrowthSpec):
-        if obj.width not in WIDTH_OPS:
-            raise CompTError(f"{where}.width: unknown operator {obj.width!r} (known: {', '.join(WIDTH_OPS)})")
-        if obj.depth not in DEPTH_OPS:
-            raise CompTError(f"{where}.depth: unknown operator {obj.depth!r} (known: {', '.join(DEPTH_OPS)})")
-        if obj.init not in ("grow", "random"):
-            raise CompTError(f"{where}.init: must be 'grow' or 'random', got {obj.init!r}")
+        _validate_ifd(obj, where)
     elif isinstance(obj, DataSpec):
-        if obj.corpus not in obj.CORPORA:
-            raise CompTError(f"data.corpus: must be {' or '.join(map(repr, obj.CORPORA))}, got {obj.corpus!r}")
-        if obj.corpus == "files":
-            if not obj.paths:
-                raise CompTError("data.paths: corpus 'files' needs at least one path")
-            for p in obj.paths:
-                if not Path(p).exists():
-                    raise CompTError(f"data.paths: file not found: {p}")
-                if Path(p).is_file() and Path(p).stat().st_size == 0:
-                    raise CompTError(f"data.paths: empty file: {p}")
-        if obj.cache_dir is not None and Path(obj.cache_dir).exists() and not Path(obj.cache_dir).is_dir():
-            raise CompTError(f"data.cache_dir: exists and is not a directory: {obj.cache_dir}")
-        if not 0 < obj.val_fraction < 0.5:
-            raise CompTError(f"data.val_fraction: must be in (0, 0.5), got {obj.val_fraction}")
-        if obj.max_chars <= 0:
-            raise CompTError("data.max_chars: must be positive")
-        if isinstance(obj, ImageTextDataSpec):
-            for k in ("captions_per_image", "caption_variants"):
-                if getattr(obj, k) < 1:
-                    raise CompTError(f"data.{k}: must be >= 1, got {getattr(obj, k)}")
-        if isinstance(obj, TextDataSpec):
-            if obj.num_proc is not None and obj.num_proc < 1:
-                raise CompTError(f"data.num_proc: must be >= 1, got {obj.num_proc}")
-            if obj.tokenizer != "train" and not (Path(obj.tokenizer).is_dir() and any(
-                    (Path(obj.tokenizer) / f).is_file() for f in TOKENIZER_FILES)):
-                raise CompTError(f"data.tokenizer: not 'train' and not a tokenizer directory (none of "
-                                 f"{', '.join(TOKENIZER_FILES)}): {obj.tokenizer}")
-            if obj.vocab_size < 256:
-                raise CompTError(f"data.vocab_size: must be >= 256, got {obj.vocab_size}")
-            if obj.seq_len < 8:
-                raise CompTError(f"data.seq_len: must be >= 8, got {obj.seq_len}")
+        _validate_data(obj)
+    elif isinstance(obj, GrowthSpec):
+        _validate_growth(obj, where)
+
+
+def _validate_train(obj: TrainSpec, where: str) -> None:
+    for k in ("micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every", "log_every",
+              "export_shard_bytes"):
+        if getattr(obj, k) <= 0:
+            raise CompTError(f"{where}.{k}: must be positive, got {getattr(obj, k)}")
+    if obj.warmup_steps < 0:
+        raise CompTError(f"{where}.warmup_steps: must be >= 0")
+    if not obj.lr > 0 or not math.isfinite(obj.lr):
+        raise CompTError(f"{where}.lr: must be a positive number, got {obj.lr}")
+    if obj.lr_base_width is not None and obj.lr_base_width <= 0:
+        raise CompTError(f"{where}.lr_base_width: must be a positive integer, got {obj.lr_base_width}")
+    if not 0 <= obj.min_lr_ratio <= 1:
+        raise CompTError(f"{where}.min_lr_ratio: must be in [0, 1]")
+    if obj.zero_stage != "auto" and obj.zero_stage not in (0, 1, 2, 3):
+        raise CompTError(f"{where}.zero_stage: must be 0, 1, 2, 3 or 'auto', got {obj.zero_stage!r}")
+    if obj.gpu_mem is not None:
+        from .units import parse_bytes
+        try:
+            parse_bytes(obj.gpu_mem)
+        except ValueError as e:
+            raise CompTError(f"{where}.gpu_mem: {e}") from None
+    if isinstance(obj.liger, bool):  # YAML 1.1 reads a bare on/off as true/false
+        obj.liger = "on" if obj.liger else "off"
+    if obj.liger not in ("auto", "on", "off"):
+        raise CompTError(f"{where}.liger: must be auto, on or off, got {obj.liger!r}")
+    if obj.compile not in (True, False, "auto"):
+        raise CompTError(f"{where}.compile: must be true, false or auto, got {obj.compile!r}")
+    if obj.ds_config is not None and not Path(obj.ds_config).is_file():
+        raise CompTError(f"{where}.ds_config: file not found: {obj.ds_config}")
+
+
+def _validate_ifd(obj: IFDSpec, where: str) -> None:
+    if isinstance(obj.alpha, dict):
+        _check_alpha_schedule(obj.alpha, f"{where}.alpha")
+    elif obj.alpha != "auto" and (not isinstance(obj.alpha, float) or obj.alpha < 0):
+        raise CompTError(f"{where}.alpha: must be 'auto', a number >= 0 or {{schedule: linear, start, end}}, "
+                         f"got {obj.alpha!r}")
+    if obj.ratio <= 0:
+        raise CompTError(f"{where}.ratio: must be positive")
+    if obj.calib_batches <= 0:
+        raise CompTError(f"{where}.calib_batches: must be positive")
+
+
+def _validate_growth(obj: GrowthSpec, where: str) -> None:
+    if obj.width not in WIDTH_OPS:
+        raise CompTError(f"{where}.width: unknown operator {obj.width!r} (known: {', '.join(WIDTH_OPS)})")
+    if obj.depth not in DEPTH_OPS:
+        raise CompTError(f"{where}.depth: unknown operator {obj.depth!r} (known: {', '.join(DEPTH_OPS)})")
+
+
+def _validate_data(obj: DataSpec) -> None:
+    if obj.corpus not in obj.CORPORA:
+        raise CompTError(f"data.corpus: must be {' or '.join(map(repr, obj.CORPORA))}, got {obj.corpus!r}")
+    if obj.corpus == "files":
+        if not obj.paths:
+            raise CompTError("data.paths: corpus 'files' needs at least one path")
+        for p in obj.paths:
+            if not Path(p).exists():
+                raise CompTError(f"data.paths: file not found: {p}")
+            if Path(p).is_file() and Path(p).stat().st_size == 0:
+                raise CompTError(f"data.paths: empty file: {p}")
+    if obj.cache_dir is not None and Path(obj.cache_dir).exists() and not Path(obj.cache_dir).is_dir():
+        raise CompTError(f"data.cache_dir: exists and is not a directory: {obj.cache_dir}")
+    if not 0 < obj.val_fraction < 0.5:
+        raise CompTError(f"data.val_fraction: must be in (0, 0.5), got {obj.val_fraction}")
+    if obj.max_chars <= 0:
+        raise CompTError("data.max_chars: must be positive")
+    if isinstance(obj, ImageTextDataSpec):
+        for k in ("captions_per_image", "caption_variants"):
+            if getattr(obj, k) < 1:
+                raise CompTError(f"data.{k}: must be >= 1, got {getattr(obj, k)}")
+    if isinstance(obj, TextDataSpec):
+        _validate_text_data(obj)
+
+
+def _validate_text_data(obj: TextDataSpec) -> None:
+    if obj.num_proc is not None and obj.num_proc < 1:
+        raise CompTError(f"data.num_proc: must be >= 1, got {obj.num_proc}")
+    if obj.tokenizer != "train" and not (Path(obj.tokenizer).is_dir() and any(
+            (Path(obj.tokenizer) / f).is_file() for f in TOKENIZER_FILES)):
+        raise CompTError(f"data.tokenizer: not 'train' and not a tokenizer directory (none of "
+                         f"{', '.join(TOKENIZER_FILES)}): {obj.tokenizer}")
+    if obj.vocab_size < 256:
+        raise CompTError(f"data.vocab_size: must be >= 256, got {obj.vocab_size}")
+    if obj.seq_len < 8:
+        raise CompTError(f"data.seq_len: must be >= 8, got {obj.seq_len}")
 
 
 def _resolve_path(p: str, base: Path) -> str:
@@ -414,17 +438,9 @@ def _derived_model(st: StageSpec, earlier: list[StageSpec], where: str, key: str
     st.model = f"{earlier[-1].name} ({describe(st.grow_to)})"   # a label, unique per predecessor
 
 
-def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = None) -> ChainSpec:
-    """Build and validate a ChainSpec from parsed YAML. Relative paths resolve against base_dir."""
-    base_dir = base_dir or Path.cwd()
-    if not isinstance(raw, dict):
-        raise CompTError(f"{source or 'spec'}: top level must be a mapping of fields")
-    _check_keys(raw, ChainSpec, "spec")
-    for req in ("name", "stages"):
-        if req not in raw:
-            raise CompTError(f"spec.{req}: required field is missing")
-    raw = dict(raw)
-    data_raw = dict(raw.get("data") or {})
+def _data_paths(data_raw: dict, base_dir: Path) -> dict:
+    """The `data:` section with its relative paths resolved against the spec's folder."""
+    data_raw = dict(data_raw)
     if "paths" in data_raw and isinstance(data_raw["paths"], list):
         data_raw["paths"] = [_resolve_path(str(p), base_dir) for p in data_raw["paths"]]
     for key in ("shards", "val_shards"):   # URLs, '::'-joined patterns; local ones resolve like paths
@@ -436,62 +452,81 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
                 raise CompTError(f"data.{key}: {e}") from None
     if isinstance(data_raw.get("tokenizer"), str) and data_raw["tokenizer"] not in ("train", "auto"):
         data_raw["tokenizer"] = _resolve_path(data_raw["tokenizer"], base_dir)
+    return data_raw
+
+
+def _stage(s: Any, key: str, i: int, earlier: list[StageSpec], base_dir: Path) -> StageSpec:
+    """One entry of `stages:` / `baselines:`, validated, its paths resolved."""
+    st = _build(StageSpec, s, f"{key}[{i}]")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", st.name) or st.name in RESERVED_STAGE_NAMES:
+        raise CompTError(f"{key}[{i}].name: {st.name!r} must be letters, digits, '-' and '_', not starting "
+                         f"with '-', and not one of the run's own entries ({', '.join(RESERVED_STAGE_NAMES)})")
+    if st.init is not None:
+        st.init = _resolve_path(st.init, base_dir)
+        if not (Path(st.init) / "config.json").is_file():
+            raise CompTError(f"{key}[{i}].init: not a Hugging Face model dir (no config.json): {st.init}")
+    if st.grow_to:
+        _derived_model(st, earlier, f"{key}[{i}]", key)
+    elif st.model is None:
+        if st.init is None:
+            raise CompTError(f"{key}[{i}].model: required field is missing (or give init: or grow_to:)")
+        st.model = st.init
+    elif st.model.endswith(".json") or "/" in st.model:
+        st.model = _resolve_path(st.model, base_dir)
+    if st.tokens is not None and (st.tokens < 0 or (st.tokens == 0 and st.init is None)):
+        raise CompTError(f"{key}[{i}].tokens: budget must be positive, got {st.tokens}"
+                         + (" (0 is only for an init: model used as-is)" if st.tokens == 0 else ""))
+    return st
+
+
+def _stages(raw: dict, key: str, base_dir: Path) -> list[StageSpec]:
+    items = raw.get(key) or []
+    if not isinstance(items, list):
+        raise CompTError(f"spec.{key}: expected a list of stages")
+    out: list[StageSpec] = []
+    for i, s in enumerate(items):
+        out.append(_stage(s, key, i, out, base_dir))
+    return out
+
+
+def _tokenizer_from_init(data_raw: dict, family: str, stages: list[StageSpec]) -> None:
+    """`data.tokenizer: auto` (the default when stage 0 has an init: model): the init model's own."""
+    if "tokenizer" not in {f.name for f in fields(DATA_SPECS[family])}:
+        return
+    inits = [s.init for s in stages if s.init]
+    if "tokenizer" not in data_raw and stages and stages[0].init:
+        data_raw["tokenizer"] = "auto"
+    if data_raw.get("tokenizer") == "auto":
+        if not inits:
+            raise CompTError("data.tokenizer: 'auto' takes the tokenizer of a stage's init: model, and no stage has one")
+        data_raw["tokenizer"] = inits[0]
+
+
+def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = None) -> ChainSpec:
+    """Build and validate a ChainSpec from parsed YAML. Relative paths resolve against base_dir."""
+    base_dir = base_dir or Path.cwd()
+    if not isinstance(raw, dict):
+        raise CompTError(f"{source or 'spec'}: top level must be a mapping of fields")
+    _check_keys(raw, ChainSpec, "spec")
+    for req in ("name", "stages"):
+        if req not in raw:
+            raise CompTError(f"spec.{req}: required field is missing")
+    data_raw = _data_paths(raw.get("data") or {}, base_dir)
     train_raw = dict(raw.get("train") or {})
     if isinstance(train_raw.get("ds_config"), str):
         train_raw["ds_config"] = _resolve_path(train_raw["ds_config"], base_dir)
-
-    def stages_of(key: str) -> list[StageSpec]:
-        items = raw.get(key) or []
-        if not isinstance(items, list):
-            raise CompTError(f"spec.{key}: expected a list of stages")
-        out = []
-        for i, s in enumerate(items):
-            st = _build(StageSpec, s, f"{key}[{i}]")
-            if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", st.name) or st.name in RESERVED_STAGE_NAMES:
-                raise CompTError(f"{key}[{i}].name: {st.name!r} must be letters, digits, '-' and '_', not starting "
-                                 f"with '-', and not one of the run's own entries ({', '.join(RESERVED_STAGE_NAMES)})")
-            if st.init is not None:
-                st.init = _resolve_path(st.init, base_dir)
-                if not (Path(st.init) / "config.json").is_file():
-                    raise CompTError(f"{key}[{i}].init: not a Hugging Face model dir (no config.json): {st.init}")
-            if st.grow_to:
-                _derived_model(st, out, f"{key}[{i}]", key)
-            elif st.model is None:
-                if st.init is None:
-                    raise CompTError(f"{key}[{i}].model: required field is missing (or give init: or grow_to:)")
-                st.model = st.init
-            elif st.model.endswith(".json") or "/" in st.model:
-                st.model = _resolve_path(st.model, base_dir)
-            if st.tokens is not None and (st.tokens < 0 or (st.tokens == 0 and st.init is None)):
-                raise CompTError(f"{key}[{i}].tokens: budget must be positive, got {st.tokens}"
-                                 + (" (0 is only for an init: model used as-is)" if st.tokens == 0 else ""))
-            out.append(st)
-        return out
-
     family = _coerce(raw.get("family", "hf_decoder"), "str", "spec.family")
     load_env_families()
     if family not in DATA_SPECS:
         raise CompTError(f"spec.family: unknown family {family!r} (known: {', '.join(DATA_SPECS)})")
-    stages, baselines = stages_of("stages"), stages_of("baselines")
-    inits = [s.init for s in stages if s.init]
-    if "tokenizer" in {f.name for f in fields(DATA_SPECS[family])}:
-        if "tokenizer" not in data_raw and stages and stages[0].init:
-            data_raw["tokenizer"] = "auto"
-        if data_raw.get("tokenizer") == "auto":
-            if not inits:
-                raise CompTError("data.tokenizer: 'auto' takes the tokenizer of a stage's init: model, "
-                                 "and no stage has one")
-            data_raw["tokenizer"] = inits[0]
-
+    stages, baselines = _stages(raw, "stages", base_dir), _stages(raw, "baselines", base_dir)
+    _tokenizer_from_init(data_raw, family, stages)
     name = _coerce(raw["name"], "str", "spec.name")
     if not NAME_RE.fullmatch(name):
         raise CompTError(f"spec.name: {name!r} must be letters, digits, '-', '_' or '.' (not starting with "
                          "'-' or '.')")
     spec = ChainSpec(
-        name=name,
-        stages=stages,
-        baselines=baselines,
-        family=family,
+        name=name, stages=stages, baselines=baselines, family=family,
         seed=_coerce(raw.get("seed", 0), "int", "spec.seed"),
         nproc=_coerce(raw.get("nproc", 1), "int", "spec.nproc"),
         data=_build(DATA_SPECS[family], data_raw, "data"),

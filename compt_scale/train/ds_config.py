@@ -115,13 +115,32 @@ def build_ds_config(n_params: int, train, world_size: int, cuda: bool | None = N
     cfg = copy.deepcopy(_load_json(train.ds_config) if train.ds_config
                         else load_preset(pick_preset(n_params, train.zero_stage, candidates, _gpu_mem(train))))
 
-    # Batch geometry: train_batch_size = micro * accum * world, as DeepSpeed checks.
+    _set_geometry(cfg, train, world_size)
+    _set_precision(cfg, train, world_size)
+    _set_optimizer(cfg, train, cuda)
+    cfg.pop("scheduler", None)  # the trainer's LambdaLR drives lr (see module docstring)
+    cfg.setdefault("steps_per_print", STEPS_PER_PRINT)
+    if cfg["steps_per_print"] == "auto":
+        cfg["steps_per_print"] = STEPS_PER_PRINT
+
+    _set_zero(cfg, train, cuda)
+    left = _find_auto(cfg)
+    if left:
+        raise CompTError(f"ds_config: no value for \"auto\" at {', '.join(left)} (not derived from the spec)")
+    return cfg
+
+
+def _set_geometry(cfg: dict, train, world_size: int) -> None:
+    """Batch geometry: train_batch_size = micro * accum * world, as DeepSpeed checks."""
     mb, ga = train.micro_batch_size, train.grad_accum
     _set(cfg, "train_micro_batch_size_per_gpu", mb, "")
     _set(cfg, "gradient_accumulation_steps", ga, "")
     _set(cfg, "train_batch_size", mb * ga * world_size, "")
     _set(cfg, "gradient_clipping", train.grad_clip, "")
 
+
+
+def _set_precision(cfg: dict, train, world_size: int) -> None:
     # Precision: bf16 from the spec; fp16 is not something the spec can ask for, so it must be off.
     bf16 = cfg.setdefault("bf16", {})
     _set(bf16, "enabled", train.precision == "bf16", "bf16.")
@@ -142,6 +161,9 @@ def build_ds_config(n_params: int, train, world_size: int, cuda: bool | None = N
     # what the trainer's own tokens/s already logs): off unless a user config asks for it.
     cfg.setdefault("timers", {"throughput": {"enabled": False, "synchronized": False}})
 
+
+
+def _set_optimizer(cfg: dict, train, cuda: bool) -> None:
     opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
         raise CompTError(f"ds_config optimizer.type: {opt.get('type')!r}; only AdamW is supported")
@@ -156,11 +178,9 @@ def build_ds_config(n_params: int, train, world_size: int, cuda: bool | None = N
     if not cuda:
         params["torch_adam"] = True
 
-    cfg.pop("scheduler", None)  # the trainer's LambdaLR drives lr (see module docstring)
-    cfg.setdefault("steps_per_print", STEPS_PER_PRINT)
-    if cfg["steps_per_print"] == "auto":
-        cfg["steps_per_print"] = STEPS_PER_PRINT
 
+
+def _set_zero(cfg: dict, train, cuda: bool) -> None:
     zero = cfg.setdefault("zero_optimization", {"stage": 0})
     if train.zero_stage != "auto":
         zero["stage"] = int(train.zero_stage)
@@ -172,11 +192,6 @@ def build_ds_config(n_params: int, train, world_size: int, cuda: bool | None = N
         for k in ("offload_optimizer", "offload_param"):
             if isinstance(zero.get(k), dict):
                 zero[k]["pin_memory"] = False
-
-    left = _find_auto(cfg)
-    if left:
-        raise CompTError(f"ds_config: no value for \"auto\" at {', '.join(left)} (not derived from the spec)")
-    return cfg
 
 
 def _gpu_mem(train) -> int:

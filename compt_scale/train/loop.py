@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import deepspeed
 import torch
@@ -92,67 +92,97 @@ def build_engine(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None
     return engine
 
 
-def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None, cfg: LoopConfig) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    t = cfg.train
-    train_data = cfg.family.dataset(cfg.spec, cfg.data_dir, "train")
-    val_data = cfg.family.dataset(cfg.spec, cfg.data_dir, "val")
-    ckpt_dir = cfg.stage_dir / "checkpoints"
-    preempt = preemption.install()  # usually already installed by `stage`, first thing
-    student_cfg = cfg.family.config_of(student_with_ifd.student)
-    engine = build_engine(student_with_ifd, teacher, cfg)
+def _start_state(engine, teacher: FrozenTeacher | None, train_data, cfg: LoopConfig) -> tuple[dict, int | None]:
+    """(loop state, the step resumed from or None): from the checkpoint, else a fresh state whose
+    IFD weight alpha is fixed, scheduled or calibrated (`auto`) on the first batches."""
+    loop = checkpoint.load(engine, cfg.stage_dir / "checkpoints", cfg.universal_tag) if cfg.resume else None
+    if loop is not None:
+        return loop, loop["step"]
+    alpha, t = 0.0, cfg.train
+    if teacher is not None and cfg.ifd.enabled:
+        if cfg.ifd.alpha == "auto":
+            # Each rank its own share of the first steps' data: a multi-rank contrastive loss
+            # would see duplicated pairs if every rank used the same batches.
+            rank, world = dist.get_rank(), dist.get_world_size()
+            calib = [to_device(b) for b in first_batches(train_data, seed=cfg.seed, count=cfg.ifd.calib_batches,
+                                                         micro_batch=t.micro_batch_size, rank=rank, world=world)]
+            alpha = calibrate_alpha(engine.module, teacher, calib, cfg.ifd.ratio, reduce=all_reduce_mean)
+        else:
+            alpha = alpha_at(cfg.ifd.alpha, 0.0, 0, cfg.steps) if isinstance(cfg.ifd.alpha, dict) \
+                else float(cfg.ifd.alpha)
+    return {"step": 0, "alpha": alpha, "gpu_seconds": 0.0}, None
 
-    loop = checkpoint.load(engine, ckpt_dir, cfg.universal_tag) if cfg.resume else None
-    if loop is None:
-        alpha = 0.0
-        if teacher is not None and cfg.ifd.enabled:
-            if cfg.ifd.alpha == "auto":
-                # Each rank its own share of the first steps' data: a multi-rank contrastive loss
-                # would see duplicated pairs if every rank used the same batches.
-                calib = [to_device(b) for b in first_batches(train_data, seed=cfg.seed, count=cfg.ifd.calib_batches,
-                                                             micro_batch=t.micro_batch_size, rank=rank, world=world)]
-                alpha = calibrate_alpha(engine.module, teacher, calib, cfg.ifd.ratio, reduce=all_reduce_mean)
-            else:
-                alpha = alpha_at(cfg.ifd.alpha, 0.0, 0, cfg.steps) if isinstance(cfg.ifd.alpha, dict) \
-                    else float(cfg.ifd.alpha)
-        loop = {"step": 0, "alpha": alpha, "gpu_seconds": 0.0}
-        resumed_from = None
-    else:
-        resumed_from = loop["step"]
-    alpha = loop["alpha"]
+
+@dataclass
+class _Run:
+    """What the step loop reads and updates: the engine, the data, the logs and the IFD weight."""
+    engine: Any
+    teacher: FrozenTeacher | None
+    cfg: LoopConfig
+    val_data: Any
+    log: MetricsLog
+    auto: AutoAlpha | None
+    alpha: float
+    start: int
+    tokens_per_step: int
+    geometry: dict
+    gpu_s0: float
+    t0: float = field(default_factory=time.time)
+
+    def gpu_seconds(self) -> float:
+        """This stage's own wall clock since the loop began (evals and checkpoints included; start-up,
+        growth and export not) x ranks, carried across resumes in the checkpoint's loop state."""
+        return self.gpu_s0 + (time.time() - self.t0) * dist.get_world_size()
+
+    def loop_state(self, step: int) -> dict:
+        return {"step": step, "alpha": self.alpha, "gpu_seconds": self.gpu_seconds(),
+                **(self.auto.state() if self.auto is not None else {})}
+
+
+def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None, cfg: LoopConfig) -> dict:
+    """Train one stage to cfg.steps (resuming when asked); returns the final figures and the engine."""
+    world, t = dist.get_world_size(), cfg.train
+    train_data = cfg.family.dataset(cfg.spec, cfg.data_dir, "train")
+    engine = build_engine(student_with_ifd, teacher, cfg)
+    loop, resumed_from = _start_state(engine, teacher, train_data, cfg)
     # alpha: auto is re-set at every eval from the steps since the previous one (objective.AutoAlpha)
     auto = AutoAlpha(loop) if (cfg.ifd.alpha == "auto" and teacher is not None and cfg.ifd.enabled) else None
-    log = MetricsLog(cfg.stage_dir, resumed_from, cfg.heartbeat)
-    tokens_per_step = t.micro_batch_size * t.grad_accum * world * cfg.tokens_per_sample
-    start = loop["step"]
-    geometry = {"world": world, "train": t, "zero_stage": cfg.ds_config["zero_optimization"]["stage"]}
-    preempted = False
+    run = _Run(engine, teacher, cfg, cfg.family.dataset(cfg.spec, cfg.data_dir, "val"),
+               MetricsLog(cfg.stage_dir, resumed_from, cfg.heartbeat), auto, loop["alpha"], loop["step"],
+               t.micro_batch_size * t.grad_accum * world * cfg.tokens_per_sample,
+               {"world": world, "train": t, "zero_stage": cfg.ds_config["zero_optimization"]["stage"]},
+               float(loop.get("gpu_seconds", 0.0)))
+    if _run_steps(run, train_data):
+        run.log.close()
+        raise SystemExit(EXIT_PREEMPTED)
+    return _finish(run)
+
+
+def _run_steps(run: _Run, train_data) -> bool:
+    """The step loop from run.start to cfg.steps; True when a preemption signal stopped it (after a
+    checkpoint). The step body only queues work: losses stay on the device, nothing waits for it."""
+    cfg, t, engine = run.cfg, run.cfg.train, run.engine
+    rank, world = dist.get_rank(), dist.get_world_size()
+    preempt = preemption.install()  # usually already installed by `stage`, first thing
+    losses, speed = StepLosses(device(), t.grad_accum), Throughput(run.start)
     # MFU counts the student's model FLOPs only (metrics.py); null on CPU and unknown devices.
-    flops_per_token, peak = cfg.family.flops_per_token(student_cfg, cfg.spec), peak_flops(device())
-    losses, speed = StepLosses(device(), t.grad_accum), Throughput(start)
-    batches = PrefetchLoader(train_data, seed=cfg.seed, start=start, steps=cfg.steps, grad_accum=t.grad_accum,
+    flops_per_token = cfg.family.flops_per_token(cfg.family.config_of(engine.module.student), cfg.spec)
+    peak = peak_flops(device())
+    batches = PrefetchLoader(train_data, seed=cfg.seed, start=run.start, steps=cfg.steps, grad_accum=t.grad_accum,
                              micro_batch=t.micro_batch_size, rank=rank, world=world, device=device())
     # Context managers: the bar is closed before an error line is printed, never after it, and the
     # prefetch thread is stopped on every way out.
-    with tqdm(total=cfg.steps, initial=start, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True) as bar, \
+    with tqdm(total=cfg.steps, initial=run.start, desc=cfg.stage, disable=rank != 0, dynamic_ncols=True) as bar, \
             batches:
-        t0 = time.time()
-        # GPU-seconds: this stage's own wall clock from here (evals and checkpoints included; start-up,
-        # growth and export not) x ranks, carried across resumes in the checkpoint's loop state.
-        gpu_s0 = float(loop.get("gpu_seconds", 0.0))
-
-        def gpu_seconds() -> float:
-            return gpu_s0 + (time.time() - t0) * world
-
-        for step in range(start, cfg.steps):
-            # The step body only queues work: losses stay on the device, nothing waits for it.
+        run.t0 = time.time()
+        for step in range(run.start, cfg.steps):
             losses.start_step()
-            if teacher is not None and cfg.ifd.enabled:
-                alpha = alpha_at(cfg.ifd.alpha, alpha, step, cfg.steps)
-            train_step(engine, teacher, batches, alpha, losses, t.grad_accum,
-                       use_teacher=teacher is not None and alpha > 0)
-            if auto is not None:  # device scalars, read back at the next eval (no sync here)
-                auto.observe(losses.task.clone(), losses.ifd.clone(), alpha)
+            if run.teacher is not None and cfg.ifd.enabled:
+                run.alpha = alpha_at(cfg.ifd.alpha, run.alpha, step, cfg.steps)
+            train_step(engine, run.teacher, batches, run.alpha, losses, t.grad_accum,
+                       use_teacher=run.teacher is not None and run.alpha > 0)
+            if run.auto is not None:  # device scalars, read back at the next eval (no sync here)
+                run.auto.observe(losses.task.clone(), losses.ifd.clone(), run.alpha)
             done = step + 1
             losses.end_step(done)
             bar.update(1)
@@ -167,46 +197,50 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
             if st["bad_step"] is not None:
                 raise CompTError(f"stage {cfg.stage}: loss is not finite at step {st['bad_step']} "
                                  f"(task {st['bad_task']:.4g}, ifd {st['bad_ifd']:.4g}); earlier checkpoints kept")
-            rec = {"step": done, "tokens": done * tokens_per_step, "macs": done * cfg.macs_per_step,
-                   "gpu_seconds": gpu_seconds()}
+            rec = {"step": done, "tokens": done * run.tokens_per_step, "macs": done * cfg.macs_per_step,
+                   "gpu_seconds": run.gpu_seconds()}
             if log_now:
-                rate = speed.rate(done, tokens_per_step)
-                log.write({**rec, "loss": st["task"] + st["ifd"], "task_loss": st["task"], "ifd_loss": st["ifd"],
-                           "lr": engine.get_lr()[0], "alpha": alpha, "tokens_per_s": rate,
-                           "mfu": mfu(flops_per_token, rate, peak, world)})
+                rate = speed.rate(done, run.tokens_per_step)
+                run.log.write({**rec, "loss": st["task"] + st["ifd"], "task_loss": st["task"], "ifd_loss": st["ifd"],
+                               "lr": engine.get_lr()[0], "alpha": run.alpha, "tokens_per_s": rate,
+                               "mfu": mfu(flops_per_token, rate, peak, world)})
                 bar.set_postfix(loss=f"{st['task']:.3f}", ifd=f"{st['ifd']:.3f}")
             if eval_now:
-                val = evaluate(engine, val_data, cfg)
-                evrec = {**rec, "val_loss": val,
-                         **cfg.family.evaluate(engine.module.student, cfg.spec, cfg.data_dir, val)}
-                if auto is not None:  # the alpha of the steps from here to the next eval
-                    alpha = auto.recalibrate(alpha, cfg.ifd.ratio, reduce=all_reduce_mean)
-                    evrec["alpha"] = alpha
-                log.write(evrec)
+                _eval_and_log(run, rec)
             if save_now or st["stop"]:
-                checkpoint.save(engine, ckpt_dir, done, {"step": done, "alpha": alpha, "gpu_seconds": gpu_seconds(),
-                                                         **(auto.state() if auto is not None else {})}, geometry)
+                checkpoint.save(engine, cfg.stage_dir / "checkpoints", done, run.loop_state(done), run.geometry)
             speed.pause(done)  # eval and checkpoints are not training throughput
             if st["stop"]:
-                preempted = True
-                break
-    if preempted:
-        log.close()
-        raise SystemExit(EXIT_PREEMPTED)
-    final_val = evaluate(engine, val_data, cfg)
+                return True
+    return False
+
+
+def _eval_and_log(run: _Run, rec: dict) -> None:
+    cfg = run.cfg
+    val = evaluate(run.engine, run.val_data, cfg)
+    evrec = {**rec, "val_loss": val, **cfg.family.evaluate(run.engine.module.student, cfg.spec, cfg.data_dir, val)}
+    if run.auto is not None:  # the alpha of the steps from here to the next eval
+        run.alpha = run.auto.recalibrate(run.alpha, cfg.ifd.ratio, reduce=all_reduce_mean)
+        evrec["alpha"] = run.alpha
+    run.log.write(evrec)
+
+
+def _finish(run: _Run) -> dict:
+    """The final eval, metrics line, checkpoint and probe; the stage exports from the returned engine."""
+    cfg, engine = run.cfg, run.engine
+    final_val = evaluate(engine, run.val_data, cfg)
     final_metrics = cfg.family.evaluate(engine.module.student, cfg.spec, cfg.data_dir, final_val)
-    final_gpu_s = gpu_seconds() if start < cfg.steps else float(loop.get("gpu_seconds", 0.0))
-    log.write({"final": True, "step": cfg.steps, "tokens": cfg.steps * tokens_per_step,
-               "macs": cfg.steps * cfg.macs_per_step, "gpu_seconds": final_gpu_s, "val_loss": final_val,
-               **final_metrics})
-    log.close()
-    if start < cfg.steps:  # a finished run resumed again has nothing new to checkpoint
-        checkpoint.save(engine, ckpt_dir, cfg.steps, {"step": cfg.steps, "alpha": alpha, "gpu_seconds": final_gpu_s},
-                        geometry)
-    probe = probe_outputs(engine, val_data, cfg.family)
-    # The stage exports from the engine (parameter by parameter, or gathered for small families).
-    return {"final_val_loss": final_val, "eval": final_metrics, "steps": cfg.steps, "tokens": cfg.steps * tokens_per_step,
-            "alpha": alpha, "engine": engine, "probe_logits": probe, "seconds": time.time() - t0,
+    final_gpu_s = run.gpu_seconds() if run.start < cfg.steps else run.gpu_s0
+    tokens = cfg.steps * run.tokens_per_step
+    run.log.write({"final": True, "step": cfg.steps, "tokens": tokens, "macs": cfg.steps * cfg.macs_per_step,
+                   "gpu_seconds": final_gpu_s, "val_loss": final_val, **final_metrics})
+    run.log.close()
+    if run.start < cfg.steps:  # a finished run resumed again has nothing new to checkpoint
+        checkpoint.save(engine, cfg.stage_dir / "checkpoints", cfg.steps,
+                        {"step": cfg.steps, "alpha": run.alpha, "gpu_seconds": final_gpu_s}, run.geometry)
+    probe = probe_outputs(engine, run.val_data, cfg.family)
+    return {"final_val_loss": final_val, "eval": final_metrics, "steps": cfg.steps, "tokens": tokens,
+            "alpha": run.alpha, "engine": engine, "probe_logits": probe, "seconds": time.time() - run.t0,
             "gpu_seconds": final_gpu_s}
 
 
