@@ -24,6 +24,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from compt_scale.data.packed import PackedTokens, sample_indices
+from compt_scale.train.distributed import free_port
 from conftest import REPO, run_cli, write_spec
 
 # bf16 keeps 8 significant bits: the student's bf16 forward and its weights rounded to bf16 (an fp32
@@ -65,7 +66,8 @@ def run_matrix(tmp_path: Path, tiny_data: Path, world: int, cases: list[tuple]) 
     (tmp_path / "cases.json").write_text(json.dumps(written))
     cmd = [sys.executable]
     if world > 1:
-        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", "0"]
+        cmd += ["-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]
     cmd += [str(REPO / "tests" / "dtype_matrix.py"), str(tmp_path / "cases.json")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
