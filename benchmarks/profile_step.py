@@ -36,11 +36,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-STUDENT = {"model_type": "llama", "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-           "num_key_value_heads": 16, "intermediate_size": 2816, "vocab_size": 32000,
-           "max_position_embeddings": 2048, "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
-TEACHER = dict(STUDENT, hidden_size=512, num_hidden_layers=20, num_attention_heads=8, num_key_value_heads=8,
-               intermediate_size=1408)
+sys.path.insert(0, str(HERE))
+from throughput import STUDENT, TEACHER  # noqa: E402  (the models the throughput benchmark measures)
+
 GPU = {"seq": 2048, "mb": 8, "warmup": 3, "steps": 3}
 SMOKE = {"seq": 32, "mb": 2, "warmup": 1, "steps": 2}
 SMOKE_STUDENT = dict(STUDENT, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
