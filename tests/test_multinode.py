@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -74,6 +75,9 @@ def chain(tmp_path_factory, tiny_data, slurm_two_nodes):
                   "--warn-seconds", "60", "--submit")
     jobs = {k: v["job_id"] for k, v in Manifest(out).read()["stages"].items()}
     assert f"s2: submitted job {jobs['s2']} (after job {jobs['s1']})" in r.stdout, r.stdout
+    # Held until the chain test releases it, so that it runs (and is signalled) alone, not beside
+    # the reference run below.
+    slurm_two_nodes.run("scontrol", "hold", jobs["s2"])
     s1 = slurm_two_nodes.wait([jobs["s1"]], timeout=300)[jobs["s1"]]
     assert s1["JobState"] == "COMPLETED", (s1, log_of(out, "s1", jobs["s1"]))
     # The reference: the same s2 on one node, 2 ranks, no SLURM, from a copy of s1's export.
@@ -91,6 +95,7 @@ def test_chain_second_stage_on_two_nodes_preempted_and_requeued(chain, slurm_two
     requeues itself and resumes; its losses equal the uninterrupted 1-node 2-rank run's, it grew from
     s1's export, and the manifest's stage records were written by global rank 0 (on c1) only."""
     cluster, out, job = slurm_two_nodes, chain.out, chain.jobs["s2"]
+    cluster.run("scontrol", "release", job)
     wait_until(lambda: last_step(out / "s2") >= 5 or cluster.job(job).get("JobState") not in ("PENDING", "RUNNING"),
                "s2 step 5")
     assert cluster.job(job)["NodeList"] == "c[1-2]", cluster.job(job)
@@ -209,10 +214,13 @@ def test_wrong_rendezvous_is_one_line_exit_2_within_the_timeout(chain, slurm_two
     for case, job in jobs.items():
         state, log, out = states[job], log_of(outs[case], "s2", job), outs[case]
         assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", (case, state, log)
-        # Both launchers' start-up (torch imports) plus the timeout, with room for a busy machine.
-        assert seconds(state) <= RDZV_TIMEOUT + 60, (case, state, log)
-        errors = [ln for ln in log.splitlines() if "compt-scale: error:" in ln]
-        assert errors and "Traceback" not in log, (case, log)
+        # Each launcher gives up within the timeout (its own measure, from the start of the
+        # rendezvous); the job with the launchers' start-up on a busy machine, far below torch's 600 s.
+        errors = [ln for ln in log.splitlines() if ln.startswith("compt-scale: error: node c")]
+        assert {e.split()[3] for e in errors} == {"c1", "c2"} and "Traceback" not in log, (case, log)
+        for e in errors:
+            assert int(re.search(r"gave up after (\d+) s", e).group(1)) <= RDZV_TIMEOUT + 5, e
+        assert seconds(state) <= 300, (case, state, log)
         rec = Manifest(out).stage("s2")
         assert rec["status"] == "failed" and "\n" not in rec["error"], (case, rec)
         assert "could not complete the rendezvous" in rec["error"] and "COMPT_RDZV_PORT" in rec["error"], rec

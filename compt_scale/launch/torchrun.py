@@ -140,8 +140,9 @@ def rdzv_timeout(env) -> int:
     return int(text)
 
 
-def rendezvous_failure(e: BaseException, argv: list[str], env) -> str:
-    """The one line a failed rendezvous is reported with: which node, which endpoint, what to check."""
+def rendezvous_failure(e: BaseException, argv: list[str], env, waited: float) -> str:
+    """The one line a failed rendezvous is reported with: which node, which endpoint, how long it
+    tried (seconds since the agent started it), what to check."""
     args = dict(zip(argv, argv[1:], strict=False))
     endpoint = args.get("--rdzv_endpoint", args.get("--rdzv-endpoint", "?"))
     node = env.get("SLURMD_NODENAME") or os.uname().nodename
@@ -150,7 +151,7 @@ def rendezvous_failure(e: BaseException, argv: list[str], env) -> str:
     if cause is not None and str(cause):
         why += f" ({str(cause).splitlines()[0][:200]})"
     return (f"compt-scale: error: node {node} (node {env.get('SLURM_NODEID', '0')}) could not complete the "
-            f"rendezvous at {endpoint} within {rdzv_timeout(env)} s: {why}; check that every node reaches "
+            f"rendezvous at {endpoint}: gave up after {waited:.0f} s (COMPT_RDZV_TIMEOUT={rdzv_timeout(env)}): {why}; check that every node reaches "
             f"that address and port (COMPT_RDZV_ADDR, COMPT_RDZV_PORT, firewall, GLOO_SOCKET_IFNAME/"
             f"NCCL_SOCKET_IFNAME) and that no other process holds the port")
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
-    error = ""
+    error, started = "", time.monotonic()
     try:
         run(parse_args(argv))
         code = 0
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{sorted({f.exitcode for f in e.failures.values()})}) -> exit {code}",
               file=sys.stderr, flush=True)
     except RendezvousError as e:
-        code, error = EXIT_BAD_INPUT, rendezvous_failure(e, argv, os.environ)
+        code, error = EXIT_BAD_INPUT, rendezvous_failure(e, argv, os.environ, time.monotonic() - started)
         print(error, file=sys.stderr, flush=True)
     if exit_file is not None:
         exit_file.parent.mkdir(parents=True, exist_ok=True)
