@@ -11,6 +11,7 @@ then `slurm_cluster.env` is the environment for sbatch/scontrol/compt-scale (SLU
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -117,6 +118,10 @@ class SlurmCluster:
         many = len(self.names) > 1
         return "\n".join([
             "ClusterName=compttest",
+            # Job ids (and with them the rendezvous ports stage.sbatch derives, 29500 + id % 1000)
+            # start at a random point with free ports: two test clusters on one machine (two
+            # sessions, or the one- and two-node clusters) would otherwise both run job 1 on 29501.
+            f"FirstJobId={_first_job_id()}",
             f"SlurmctldHost={self.host}",
             f"SlurmctldPort={free_port()}",
             f"SlurmdPort={free_port()}",
@@ -178,6 +183,20 @@ class SlurmCluster:
             if time.time() > deadline:
                 raise TimeoutError(f"jobs not finished: {states}")
             time.sleep(1)
+
+
+def _first_job_id(span: int = 50) -> int:
+    """A first job id whose next `span` rendezvous ports (29500 + id % 1000) can be bound now."""
+    for _ in range(100):
+        first = random.randrange(1000, 1000 + 1000 - span)
+        try:
+            for port in range(29500 + first % 1000, 29500 + first % 1000 + span):
+                with socket.socket() as s:
+                    s.bind(("", port))
+        except OSError:
+            continue
+        return first
+    return random.randrange(1000, 2000 - span)
 
 
 def slurm_available() -> str | None:
