@@ -123,10 +123,12 @@ def test_chain_second_stage_on_two_nodes_preempted_and_requeued(chain, slurm_two
     cfg = json.loads((out / "s2" / "model" / "config.json").read_text())
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out / "s2" / "model").config.hidden_size == cfg["hidden_size"]
-    # Every status the stage itself set came from global rank 0 on c1, once per attempt.
-    by_ranks = [(h["status"], h["node"], h["rank"]) for h in rec["history"] if h["rank"] is not None]
-    assert by_ranks == [("running", "c1", 0), ("preempted", "c1", 0), ("running", "c1", 0), ("done", "c1", 0)], \
-        rec["history"]
+    # Every status the stage itself set came from global rank 0, once per attempt. Which node holds
+    # rank 0 is torchrun's choice (order of joining the rendezvous, not SLURM_NODEID; seen on c2).
+    by_ranks = [(h["status"], h["rank"]) for h in rec["history"] if h["rank"] is not None]
+    assert by_ranks == [("running", 0), ("preempted", 0), ("running", 0), ("done", 0)], rec["history"]
+    assert {h["node"] for h in rec["history"] if h["rank"] is not None} <= {"c1", "c2"}, rec["history"]
+    assert [h["node"] for h in rec["history"] if h["rank"] is None][1:] == ["c1"] * 3, rec["history"]  # the job script
 
 
 def _kill_node(job: str, node: str) -> list[int]:
