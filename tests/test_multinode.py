@@ -223,7 +223,7 @@ def test_wrong_rendezvous_is_one_line_exit_2_within_the_timeout(chain, slurm_two
         errors = [ln for ln in log.splitlines() if ln.startswith("compt-scale: error: node c")]
         assert {e.split()[3] for e in errors} == {"c1", "c2"} and "Traceback" not in log, (case, log)
         for e in errors:
-            assert int(re.search(r"gave up after (\d+) s", e).group(1)) <= RDZV_TIMEOUT + 5, e
+            assert int(re.search(r"gave up after (\d+) s", e).group(1)) <= RDZV_TIMEOUT + 15, e   # torch's own: 60
         assert seconds(state) <= 300, (case, state, log)
         rec = Manifest(out).stage("s2")
         assert rec["status"] == "failed" and "\n" not in rec["error"], (case, rec)
