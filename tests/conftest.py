@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 # DeepSpeed JIT-builds a small CPU comm op on first use; a cache per checkout keeps checkouts with
 # different torch builds from rebuilding each other's copy in every stage process.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+# SLURM jobs build into a fresh dir per job id unless told of a pre-built one (stage.sbatch): on a
+# busy 2-core box that build takes minutes per job, so the test jobs share the checkout's cache.
+os.environ.setdefault("COMPT_TORCH_EXTENSIONS_DIR", os.environ["TORCH_EXTENSIONS_DIR"])
 TINY_DATA = {"vocab_size": 512, "seq_len": 32, "max_chars": 300_000}
 TINY_TRAIN = {"micro_batch_size": 4, "eval_every": 5, "eval_batches": 2, "save_every": 5, "log_every": 1,
               "warmup_steps": 2, "lr": 3.0e-3}
@@ -25,7 +28,7 @@ TINY_TRAIN = {"micro_batch_size": 4, "eval_every": 5, "eval_batches": 2, "save_e
 def pytest_collection_modifyitems(items):
     """Every test that uses the SLURM cluster is a `slurm` test, marked or not."""
     for item in items:
-        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+        if {"slurm_cluster", "slurm_two_nodes"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slurm)
 
 

@@ -11,6 +11,7 @@ then `slurm_cluster.env` is the environment for sbatch/scontrol/compt-scale (SLU
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,9 +31,16 @@ CPUS = 2  # the node line says CPUs=2: one 2-rank job, or two 1-rank jobs, at a 
 
 
 class SlurmCluster:
-    def __init__(self, root: Path):
+    """`nodes=1`: one node named after this host. `nodes=N`: N slurmd daemons on this one host
+    (`slurmd -N c1` ...; Debian's build has --enable-multiple-slurmd), nodes c1..cN, each with its
+    own port, spool, log and pid file, all with this host's own address as NodeAddr: SLURM then
+    schedules, signals and requeues N-node jobs across them like across real machines."""
+
+    def __init__(self, root: Path, nodes: int = 1, cpus: int = CPUS):
         self.root = Path(root)
         self.host = socket.gethostname().split(".")[0]
+        self.names = [self.host] if nodes == 1 else [f"c{i + 1}" for i in range(nodes)]
+        self.cpus = cpus
         self.conf = self.root / "slurm.conf"
         self.socket = self.root / "munge" / "munge.socket"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
@@ -53,13 +61,19 @@ class SlurmCluster:
                         f"--seed-file={r / 'munge' / 'seed'}"], check=True, capture_output=True)
         self.pidfiles.append(munge_pid)
         self.conf.write_text(self._slurm_conf())
-        for daemon in ("slurmctld", "slurmd"):
-            subprocess.run([daemon, "-f", str(self.conf)], env=self.env, check=True, capture_output=True)
-            self.pidfiles.append(r / "run" / f"{daemon}.pid")
+        subprocess.run(["slurmctld", "-f", str(self.conf)], env=self.env, check=True, capture_output=True)
+        self.pidfiles.append(r / "run" / "slurmctld.pid")
+        for name in self.names:
+            (r / "spool" / name).mkdir(exist_ok=True)
+            node = ["-N", name] if len(self.names) > 1 else []
+            subprocess.run(["slurmd", "-f", str(self.conf), *node], env=self.env, check=True, capture_output=True)
+            self.pidfiles.append(r / "run" / (f"slurmd-{name}.pid" if node else "slurmd.pid"))
         deadline = time.time() + timeout
         while time.time() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True)
-            if out.returncode == 0 and out.stdout.strip() in ("idle", "mix", "alloc"):
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env, capture_output=True, text=True)
+            states = out.stdout.split()
+            if out.returncode == 0 and len(states) == len(self.names) and \
+                    all(st in ("idle", "mix", "alloc") for st in states):
                 return self
             time.sleep(0.5)
         self.stop()
@@ -84,10 +98,30 @@ class SlurmCluster:
                 time.sleep(0.1)
         self.pidfiles.clear()
 
+    def _node_lines(self) -> list[str]:
+        if len(self.names) == 1:
+            return [f"NodeName={self.host} CPUs={self.cpus} RealMemory=20000 State=UNKNOWN",
+                    f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP"]
+        # NodeAddr: this host's own non-loopback address (what the rendezvous code looks up, as on a
+        # real cluster); 127.0.0.1 where there is none (the jobs then need COMPT_RDZV_ADDR, set in env).
+        own = [a for a in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+               if "." in a and not a.startswith("127.")]
+        addr = own[0] if own else "127.0.0.1"
+        if not own:
+            self.env["COMPT_RDZV_ADDR"] = addr
+        lines = [f"NodeName={n} NodeHostname={self.host} NodeAddr={addr} Port={free_port()} CPUs={self.cpus} "
+                 "RealMemory=10000 State=UNKNOWN" for n in self.names]
+        return lines + [f"PartitionName=debug Nodes={','.join(self.names)} Default=YES MaxTime=INFINITE State=UP"]
+
     def _slurm_conf(self) -> str:
         r = self.root
+        many = len(self.names) > 1
         return "\n".join([
             "ClusterName=compttest",
+            # Job ids (and with them the rendezvous ports stage.sbatch derives, 29500 + id % 1000)
+            # start at a random point with free ports: two test clusters on one machine (two
+            # sessions, or the one- and two-node clusters) would otherwise both run job 1 on 29501.
+            f"FirstJobId={_first_job_id()}",
             f"SlurmctldHost={self.host}",
             f"SlurmctldPort={free_port()}",
             f"SlurmdPort={free_port()}",
@@ -99,11 +133,12 @@ class SlurmCluster:
             # (default 120 s); short here so the preemption test does not sit idle.
             f"AuthInfo=socket={self.socket},cred_expire=5",
             f"StateSaveLocation={r / 'state'}",
-            f"SlurmdSpoolDir={r / 'spool'}",
+            # %n: the node's name, one spool/pid/log per slurmd when several run on this host.
+            f"SlurmdSpoolDir={r / 'spool' / ('%n' if many else '')}",
             f"SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}",
-            f"SlurmdPidFile={r / 'run' / 'slurmd.pid'}",
+            f"SlurmdPidFile={r / 'run' / ('slurmd-%n.pid' if many else 'slurmd.pid')}",
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
+            f"SlurmdLogFile={r / 'log' / ('slurmd-%n.log' if many else 'slurmd.log')}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "MpiDefault=none",
@@ -118,8 +153,7 @@ class SlurmCluster:
             "KillWait=10",
             "SlurmctldTimeout=30",
             "SlurmdTimeout=30",
-            f"NodeName={self.host} CPUs={CPUS} RealMemory=20000 State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+            *self._node_lines(),
             "",
         ])
 
@@ -151,6 +185,20 @@ class SlurmCluster:
             time.sleep(1)
 
 
+def _first_job_id(span: int = 50) -> int:
+    """A first job id whose next `span` rendezvous ports (29500 + id % 1000) can be bound now."""
+    for _ in range(100):
+        first = random.randrange(1000, 1000 + 1000 - span)
+        try:
+            for port in range(29500 + first % 1000, 29500 + first % 1000 + span):
+                with socket.socket() as s:
+                    s.bind(("", port))
+        except OSError:
+            continue
+        return first
+    return random.randrange(1000, 2000 - span)
+
+
 def slurm_available() -> str | None:
     """None when a cluster can be started here, else why not (the tests are skipped with it)."""
     missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch", "scontrol") if not shutil.which(b)]
@@ -168,6 +216,22 @@ def slurm_cluster():
         pytest.skip(why)
     root = Path(tempfile.mkdtemp(prefix="compt-slurm-"))
     cluster = SlurmCluster(root).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes():
+    """Two SLURM nodes (c1, c2: two slurmd on this host, CPUs=2 each, so two 2-node jobs of one CPU
+    rank per node fit at once): `sbatch --nodes=2` runs the project's stage.sbatch across them."""
+    why = slurm_available()
+    if why:
+        pytest.skip(why)
+    root = Path(tempfile.mkdtemp(prefix="compt-slurm2-"))
+    cluster = SlurmCluster(root, nodes=2).start()
     try:
         yield cluster
     finally:

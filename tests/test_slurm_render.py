@@ -163,8 +163,10 @@ def test_node_0_hosts_the_rendezvous_store():
 
     from compt_scale.launch.torchrun import with_store_host
     base = ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "10.0.0.1:29742", "w.py"]
-    assert parse_args(with_store_host(base, {"SLURM_NODEID": "0"})).rdzv_conf == "is_host=1"
-    assert parse_args(with_store_host(base, {"SLURM_NODEID": "1"})).rdzv_conf == "is_host=0"
+    assert parse_args(with_store_host(base, {"SLURM_NODEID": "0"})).rdzv_conf == \
+        "is_host=1,join_timeout=300,read_timeout=300"
+    assert parse_args(with_store_host(base, {"SLURM_NODEID": "1", "COMPT_RDZV_TIMEOUT": "20"})).rdzv_conf == \
+        "is_host=0,join_timeout=20,read_timeout=20"
     assert with_store_host(base, {}) == base                                   # not under SLURM
     own = ["--rdzv-conf", "is_host=0", *base]
     assert with_store_host(own, {"SLURM_NODEID": "0"}) == own                  # the user's own wins

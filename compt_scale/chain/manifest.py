@@ -19,6 +19,7 @@ from ..files import atomic_write_text
 
 # Freed when the disk is full, to make room for the manifest update recording that.
 RESERVE, RESERVE_BYTES = ".manifest.reserve", 64 * 1024
+HISTORY = 20   # status changes kept per stage (a requeue loop must not grow the manifest forever)
 STATUSES = ("pending", "submitted", "running", "preempted", "done", "failed")
 
 
@@ -100,11 +101,22 @@ class Manifest:
             if bad:  # JSON has no NaN/Infinity: a bare NaN would make the whole manifest unreadable
                 raise CompTError(f"stage {name}: refusing to record non-finite {', '.join(bad)} in {self.path}")
             rec.update(fields)
+            if "status" in fields:
+                rec["history"] = (rec.get("history") or [])[-(HISTORY - 1):] + [_change(fields)]
             atomic_write_text(self.path, _dumps(data))
             return rec
 
     def is_done(self, name: str) -> bool:
         return self.stage(name).get("status") == "done"
+
+
+def _change(fields: dict) -> dict:
+    """Who set a status, where: on a multi-node job the node (SLURM's name for it) and the global
+    rank, so a record written by a rank other than 0, or twice, shows in the history."""
+    rank = os.environ.get("RANK")
+    return {"status": fields["status"], "at": fields["updated"],
+            "node": os.environ.get("SLURMD_NODENAME") or os.uname().nodename,
+            "rank": int(rank) if rank and rank.isdigit() else None}
 
 
 def _dumps(data: dict) -> str:

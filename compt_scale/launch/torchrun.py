@@ -14,6 +14,10 @@ a preemptible stage needs that torchrun itself does not do.
    SIGTERMs the rest once the first has exited); otherwise the code of the earliest worker that failed
    with its own code (1 when all died by signals). `--exit-file F` also writes that code to F, so a
    multi-node batch script can check every node (srun reports only the highest task exit code).
+3. A rendezvous that fails (port taken on the first node, first node unreachable, a node missing)
+   ends within COMPT_RDZV_TIMEOUT seconds (default 300) with one line naming the node and the
+   endpoint and exit code 2 (that line is also the second line of the exit file), not a traceback
+   after torch's default 600 s.
 
 Used by slurm/stage.sbatch (one per node under srun) and launchers/torchrun.sh.
 """
@@ -26,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..errors import EXIT_BAD_INPUT
 from ..errors import EXIT_PREEMPTED as PREEMPTED
 
 _USR1_BIT = 1 << (signal.SIGUSR1 - 1)
@@ -78,7 +83,8 @@ class Usr1Forwarder:
         threading.Thread(target=self._retry_loop, daemon=True, name="usr1-forward").start()
 
     def _on_signal(self, signum, frame) -> None:
-        print(f"[compt torchrun] {signal.Signals(signum).name} on {os.uname().nodename}: asking workers to "
+        node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename   # SLURM's name: unique per node
+        print(f"[compt torchrun] {signal.Signals(signum).name} on {node}: asking workers to "
               "checkpoint",
               file=sys.stderr, flush=True)
         self.pending.set()
@@ -112,13 +118,42 @@ def exit_code_of(failures: dict) -> int:
     return min(real, key=lambda f: f.timestamp).exitcode if real else 1
 
 
+RDZV_TIMEOUT = 300  # s: every node must join (and reach the store) within this; COMPT_RDZV_TIMEOUT
+
+
 def with_store_host(argv: list[str], env) -> list[str]:
     """Under SLURM, node 0 hosts the c10d store, said explicitly: the rendezvous endpoint is the head
     node's resolved address (slurm/stage.sbatch), which torch's own "is that me?" test misses where
-    the node's name maps to loopback, leaving no node to host it."""
+    the node's name maps to loopback, leaving no node to host it. The join and store timeouts are
+    bounded by COMPT_RDZV_TIMEOUT, so a wrong address or port fails in minutes, not at the time limit."""
     if "SLURM_NODEID" not in env or any(a.split("=")[0] in ("--rdzv_conf", "--rdzv-conf") for a in argv):
         return argv
-    return ["--rdzv_conf", f"is_host={int(env['SLURM_NODEID'] == '0')}", *argv]
+    timeout = rdzv_timeout(env)
+    conf = f"is_host={int(env['SLURM_NODEID'] == '0')},join_timeout={timeout},read_timeout={timeout}"
+    return ["--rdzv_conf", conf, *argv]
+
+
+def rdzv_timeout(env) -> int:
+    text = env.get("COMPT_RDZV_TIMEOUT", str(RDZV_TIMEOUT))
+    if not text.isdigit() or int(text) <= 0:
+        raise SystemExit(f"compt-scale: error: COMPT_RDZV_TIMEOUT must be whole seconds > 0, got {text!r}")
+    return int(text)
+
+
+def rendezvous_failure(e: BaseException, argv: list[str], env, waited: float) -> str:
+    """The one line a failed rendezvous is reported with: which node, which endpoint, how long it
+    tried (seconds since the agent started it), what to check."""
+    args = dict(zip(argv, argv[1:], strict=False))
+    endpoint = args.get("--rdzv_endpoint", args.get("--rdzv-endpoint", "?"))
+    node = env.get("SLURMD_NODENAME") or os.uname().nodename
+    cause = e.__cause__ or e.__context__
+    why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if cause is not None and str(cause):
+        why += f" ({str(cause).splitlines()[0][:200]})"
+    return (f"compt-scale: error: node {node} (node {env.get('SLURM_NODEID', '0')}) could not complete the "
+            f"rendezvous at {endpoint}: gave up after {waited:.0f} s (COMPT_RDZV_TIMEOUT={rdzv_timeout(env)}): {why}; check that every node reaches "
+            f"that address and port (COMPT_RDZV_ADDR, COMPT_RDZV_PORT, firewall, GLOO_SOCKET_IFNAME/"
+            f"NCCL_SOCKET_IFNAME) and that no other process holds the port")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = with_store_host(argv, os.environ)
     Usr1Forwarder().install()  # first: importing torch takes seconds, USR1 must not kill us meanwhile
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
+    error, started = "", time.monotonic()
     try:
         run(parse_args(argv))
         code = 0
@@ -142,9 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[compt torchrun] {what} (exit codes "
               f"{sorted({f.exitcode for f in e.failures.values()})}) -> exit {code}",
               file=sys.stderr, flush=True)
+    except RendezvousError as e:
+        code, error = EXIT_BAD_INPUT, rendezvous_failure(e, argv, os.environ, time.monotonic() - started)
+        print(error, file=sys.stderr, flush=True)
     if exit_file is not None:
         exit_file.parent.mkdir(parents=True, exist_ok=True)
-        exit_file.write_text(f"{code}\n")
+        exit_file.write_text(f"{code}\n{error}\n" if error else f"{code}\n")
     return code
 
 
