@@ -156,6 +156,31 @@ def rendezvous_failure(e: BaseException, argv: list[str], env, waited: float) ->
             f"NCCL_SOCKET_IFNAME) and that no other process holds the port")
 
 
+def rendezvous_watchdog(argv: list[str], env, exit_file: Path | None, started: float) -> None:
+    """Under SLURM: if this node's agent has started no worker COMPT_RDZV_TIMEOUT + 10 s after it
+    began, the rendezvous is stuck where torch's own timeouts do not reach (a connection accepted by
+    something that never answers, e.g. another service on the port): one line, exit 2, from a thread,
+    since the agent's own call never returns."""
+    if "SLURM_NODEID" not in env:
+        return
+    limit = rdzv_timeout(env) + 10
+
+    def watch() -> None:
+        while time.monotonic() - started < limit:
+            if _children(os.getpid()):
+                return   # workers are running: the rendezvous completed
+            time.sleep(1.0)
+        line = rendezvous_failure(TimeoutError("no answer from the rendezvous store"), argv, env,
+                                  time.monotonic() - started)
+        print(line, file=sys.stderr, flush=True)
+        if exit_file is not None:
+            exit_file.parent.mkdir(parents=True, exist_ok=True)
+            exit_file.write_text(f"{EXIT_BAD_INPUT}\n{line}\n")
+        os._exit(EXIT_BAD_INPUT)
+
+    threading.Thread(target=watch, daemon=True, name="rdzv-watchdog").start()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     exit_file = None
@@ -170,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     error, started = "", time.monotonic()
+    rendezvous_watchdog(argv, os.environ, exit_file, started)
     try:
         run(parse_args(argv))
         code = 0
