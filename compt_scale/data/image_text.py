@@ -39,7 +39,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import CompTError
-from ..files import build_once
+from ..files import build_once, files_fingerprint
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)   # open_clip's OPENAI_DATASET_MEAN / STD: what its
 STD = (0.26862954, 0.26130258, 0.27577711)   # default preprocess (and an export's) normalizes with
@@ -272,7 +272,7 @@ def prepare_image_text(data, context_length: int, out: Path) -> Path:
                 "tokenizer": "open_clip SimpleTokenizer", "vocab_size": tokenizer.vocab_size,
                 "mean": MEAN, "std": STD, "captions": k, **extra}
 
-    return build_once(Path(out), key, build)
+    return build_once(Path(out), key, build, files_fingerprint(data.paths if data.corpus == "files" else []))
 
 
 class ImageText:

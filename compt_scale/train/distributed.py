@@ -56,3 +56,10 @@ def all_reduce_mean(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device())
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def broadcast_text(text: str | None) -> str:
+    """Rank 0's string on every rank."""
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
