@@ -75,6 +75,18 @@ def _scaled(value: int, ratio: float, what: str, hint: str) -> int:
     return round(x)
 
 
+def _whole(field: str, value) -> int:
+    """An integer config field's new value: an int, or a float/string that is exactly one (4096.0,
+    '4e3'); anything else is one line naming the field."""
+    try:
+        f = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        f = math.nan
+    if not (math.isfinite(f) and f == int(f) and f >= 0):
+        raise CompTError(f"{field}: expected a whole number, got {value!r}")
+    return int(f)
+
+
 def _ffn(old: int, ratio: float) -> int:
     x = old * ratio
     if old % 256 == 0:
@@ -99,6 +111,10 @@ def derive_target(src: dict, width=1.0, depth=1.0, overrides: dict | None = None
     unknown = [k for k in overrides if k not in src and k not in names.values()]
     if unknown:
         raise CompTError(f"unknown config field(s) for {mt}: {', '.join(sorted(unknown))}")
+    sizes = {v for v in names.values() if v}
+    for k, v in overrides.items():   # a size (or any integer field) must stay a whole number
+        if k in sizes or (isinstance(src.get(k), int) and not isinstance(src.get(k), bool)):
+            overrides[k] = _whole(k, v)
     out = dict(src)
     get = overrides.get
 

@@ -85,6 +85,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     train_data = cfg.family.dataset(cfg.spec, cfg.data_dir, "train")
     val_data = cfg.family.dataset(cfg.spec, cfg.data_dir, "val")
     ckpt_dir = cfg.stage_dir / "checkpoints"
+    checkpoint.check_writable(ckpt_dir)
     preempt = preemption.install()  # usually already installed by `stage`, first thing
     student_cfg = cfg.family.config_of(student_with_ifd.student)
     applied = apply_speedups(student_with_ifd.student, teacher, t, cfg.family, student_cfg,
