@@ -572,6 +572,8 @@ def validate_chain(spec: ChainSpec) -> None:
             if s.tokens is None:
                 where = f"stages[{i}]" if i < len(spec.stages) else f"baselines[{i - len(spec.stages)}]"
                 raise CompTError(f"{where}.tokens: missing budget (give tokens, or a top-level budget:)")
+    from .spec_rules import check_init_rules
+    check_init_rules(spec)
     # Model-level checks (presets exist, each successor larger, head_dim divisibility, vocab) and
     # budget filling are the chain step compt_scale.chain.resolve, run by every command before use.
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -73,22 +75,52 @@ def atomic_dir(out: Path, replace: bool = True):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_once(out: Path, key: dict, build: Callable[[Path], dict]) -> Path:
+def files_fingerprint(paths) -> dict:
+    """What a prepared cache of these input files depends on, cheaply: per file its size, mtime and a
+    hash of its first and last MiB (files of a dir, recursively). An edited corpus (any write moves
+    the mtime) then has another fingerprint; a missing path is left for the reader to name."""
+    files = []
+    for p in map(Path, paths):
+        files += sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    out = {}
+    for f in files:
+        try:
+            st = f.stat()
+            with open(f, "rb") as fh:
+                digest = hashlib.sha1(fh.read(1 << 20))
+                if st.st_size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    digest.update(fh.read())
+        except OSError:
+            continue
+        out[str(f)] = f"{st.st_size}:{st.st_mtime_ns}:{digest.hexdigest()[:16]}"
+    return out
+
+
+def build_once(out: Path, key: dict, build: Callable[[Path], dict], files: dict | None = None) -> Path:
     """A prepared dir with a `meta.json`, built once. `build(tmp)` fills tmp and returns the meta;
     `key` (what determines the content) is stored in it as "spec". A dir built from another key is an
-    error rather than silently reused or overwritten."""
+    error rather than silently reused or overwritten. `files`: the inputs' files_fingerprint; a dir
+    built from other contents of the same files is rebuilt (saying so)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    files = files or {}
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         meta_p = out / "meta.json"
         if meta_p.is_file():
-            old = json.loads(meta_p.read_text()).get("spec", {})
+            meta = json.loads(meta_p.read_text())
+            old = meta.get("spec", {})
             if {k: old.get(k) for k in key} != key:
                 raise CompTError(f"data cache {out} was built from a different data spec; remove it or "
                                  "set data.cache_dir elsewhere")
-            return out
+            if meta.get("files", {}) == files:
+                return out
+            changed = sorted(set(files) ^ set(meta.get("files", {})) |
+                             {f for f in files if meta.get("files", {}).get(f) != files[f]})
+            print(f"[data] {changed[0]}{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''} "
+                  f"changed since {out} was prepared: preparing it again", file=sys.stderr, flush=True)
         with atomic_dir(out) as tmp:
             meta = build(tmp)
-            (tmp / "meta.json").write_text(json.dumps({**meta, "spec": key}, indent=2))
+            (tmp / "meta.json").write_text(json.dumps({**meta, "spec": key, "files": files}, indent=2))
     return out

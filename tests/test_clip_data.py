@@ -118,6 +118,13 @@ def test_csv_files_through_datasets(tmp_path):
     torch.testing.assert_close(images[0], expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens[0], open_clip.get_tokenizer("", context_length=16)([caption])[0])
 
+    # open_clip's own CSV (filepath/title, tab-separated) under the default text field works as is.
+    default = ImageTextDataSpec(corpus="files", paths=[str(csv)], image_size=32)
+    d2 = prepare_image_text(default, 16, tmp_path / "data2")
+    assert (d2 / "val_captions.txt").read_text() == (d / "val_captions.txt").read_text()
+    other = ImageTextDataSpec(corpus="files", paths=[str(csv)], text_field="caption")
+    with pytest.raises(CompTError, match=r"data.text_field: column 'caption' not in .*columns: filepath, title"):
+        prepare_image_text(other, 16, tmp_path / "other")
     bad = ImageTextDataSpec(corpus="files", paths=[str(csv)], image_field="image", text_field="title")
     with pytest.raises(CompTError, match=r"data.image_field: column 'image' not in"):
         prepare_image_text(bad, 16, tmp_path / "bad")

@@ -30,7 +30,7 @@ def write(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet", "txt"])
-def test_user_files_with_an_hf_tokenizer_dir(tmp_path, tiny_data, kind):
+def test_user_files_with_an_hf_tokenizer_dir(tmp_path, tiny_data, kind, capsys):
     spec = TextDataSpec(corpus="files", paths=[str(write(tmp_path, kind))], text_field="body",
                     tokenizer=str(tiny_data / "tokenizer"), seq_len=32, val_fraction=0.1)
     out = prepare_data(spec, tmp_path / "data")
@@ -43,9 +43,19 @@ def test_user_files_with_an_hf_tokenizer_dir(tmp_path, tiny_data, kind):
     first_doc = stream[: list(stream).index(tok.eos_token_id)]
     assert tok.decode(first_doc).strip() in {d.strip() for d in DOCS} | {d.replace("\n", " ").strip() for d in DOCS}
     # A second call reuses the prepared dir; a different spec is refused rather than mixed up.
-    assert prepare_data(spec, tmp_path / "data") == out
+    built = (out / "meta.json").stat().st_mtime_ns
+    assert prepare_data(spec, tmp_path / "data") == out and (out / "meta.json").stat().st_mtime_ns == built
     with pytest.raises(CompTError, match="different data spec"):
         prepare_data(TextDataSpec(**{**spec.__dict__, "seq_len": 64}), tmp_path / "data")
+    if kind == "jsonl":
+        # The same path with edited contents is prepared again (the cache is keyed by content too).
+        with open(spec.paths[0], "a") as f:
+            f.writelines(json.dumps({"body": d.upper()}) + "\n" for d in DOCS[:100])
+        capsys.readouterr()
+        prepare_data(spec, tmp_path / "data")
+        assert "changed since" in capsys.readouterr().err
+        grown = json.loads((out / "meta.json").read_text())["tokens"]
+        assert grown["train"] + grown["val"] > meta["tokens"]["train"] + meta["tokens"]["val"]
 
 
 def test_missing_text_column_is_named(tmp_path, tiny_data):

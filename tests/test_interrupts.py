@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,12 +64,17 @@ def test_sigterm_to_chain_stops_its_stage_and_resume_continues_once(tmp_path, ti
     holder = json.loads((out / "a" / ".lock").read_text())
     assert holder["pid"] in kids
     os.kill(holder["pid"], signal.SIGSTOP)
-    for args in (("stage", spec, "--stage", "a", "--out", out, "--resume"),
-                 ("chain", spec, "--out", out, "--resume", "--no-baselines")):
+    # A second `chain` on the same --out: out dir busy (naming the chain's pid), nothing changed.
+    manifest_before = (out / "manifest.json").read_text()
+    for args, said in ((("stage", spec, "--stage", "a", "--out", out, "--resume"),
+                        f"stage a is already running (host {socket.gethostname()} pid {holder['pid']}"),
+                       (("chain", spec, "--out", out, "--resume", "--no-baselines"),
+                        f"--out {out} is busy: another chain runs there (host {socket.gethostname()} pid {chain.pid}")):
         r = run_cli(*args, check=False)
         assert r.returncode == 2, (args, r.stdout[-2000:], r.stderr[-3000:])
         err = r.stderr.strip().splitlines()
-        assert len(err) == 1 and "stage a is already running" in err[0] and f"pid {holder['pid']}" in err[0], err
+        assert len(err) == 1 and said in err[0], err
+    assert (out / "manifest.json").read_text() == manifest_before
     assert Manifest(out).stage("a")["status"] == "running"
     assert chain.poll() is None and last_step(out / "a") < steps, "the stage must still be mid-run"
 
@@ -141,3 +148,46 @@ def test_preemption_signal_during_data_preparation_is_recorded_and_resumable(tmp
     run_cli("stage", spec, "--stage", "a", "--out", out, "--resume")
     assert Manifest(out).stage("a")["status"] == "done"
     assert read_metrics(out / "a")[-1].get("final")
+
+
+def test_signals_between_stages_sighup_and_a_deleted_export(tmp_path, tiny_data):
+    """SIGTERM after stage a's last step: a stays done, b never starts, exit 99. SIGHUP during b: b
+    checkpoints (no orphan), exit 99. Resume finishes b without redoing a step; a deleted export of a
+    finished stage is re-exported from its last checkpoint by the next `chain --resume`."""
+    steps = 12
+    spec = write_spec(tmp_path / "c.yaml", [{"name": "a", "model": "llama-xs", "tokens": 4 * 4 * 32},
+                                            {"name": "b", "model": "llama-xs", "tokens": steps * 4 * 32}],
+                      data_dir=tiny_data, train={"save_every": 3, "eval_every": 1000}, ifd={"enabled": False})
+    out = tmp_path / "out"
+    chain = start("chain", spec, "--out", out, "--no-baselines")
+    # a's final record is written after its last step, before its export and `done`.
+    wait_for(lambda: any(r.get("final") for r in read_metrics(out / "a")), chain, what="a's last step")
+    chain.send_signal(signal.SIGTERM)
+    _, err = chain.communicate(timeout=300)
+    assert chain.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert "SIGTERM after stage a finished" in err, err[-3000:]
+    assert Manifest(out).stage("a")["status"] == "done" and (out / "a" / "model" / "config.json").is_file()
+    assert Manifest(out).stage("b")["status"] == "pending" and not (out / "b").exists()
+    assert not (out / ".chain.lock").exists()
+
+    chain = start("chain", spec, "--out", out, "--resume", "--no-baselines")
+    wait_for(lambda: last_step(out / "b") >= 2, chain, what="b's step 2")
+    kids = descendants(chain.pid)
+    chain.send_signal(signal.SIGHUP)           # the terminal closed
+    _, err = chain.communicate(timeout=300)
+    assert chain.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert not [k for k in kids if alive(k)], "the stage process outlived `chain`"
+    assert Manifest(out).stage("b")["status"] == "preempted"
+    stopped = int((out / "b" / "checkpoints" / "latest").read_text().removeprefix("global_step"))
+    assert 2 <= stopped < steps
+
+    a_record = Manifest(out).stage("a")
+    shutil.rmtree(out / "a" / "model")
+    r = run_cli("chain", spec, "--out", out, "--resume", "--no-baselines")
+    assert "re-exporting it from its last checkpoint" in r.stderr, r.stderr[-3000:]
+    assert (out / "a" / "model" / "config.json").is_file()
+    assert Manifest(out).stage("a")["seconds"] == a_record["seconds"]
+    assert Manifest(out).stage("a")["final_val_loss"] == pytest.approx(a_record["final_val_loss"], rel=1e-6)
+    recs = read_metrics(out / "b")
+    assert [x["step"] for x in recs if "loss" in x] == list(range(1, steps + 1))
+    assert Manifest(out).stage("b")["status"] == "done"

@@ -155,16 +155,20 @@ def _drop_partial_checkpoint(ckpt_dir: Path) -> None:
 def _universal_tag(ckpt_dir, tag, saved, world, train, ds_config, rank, name) -> str | None:
     """A checkpoint from another world size or ZeRO stage: converted (rank 0) to DeepSpeed's
     universal format, which the engine is then told to load. None: load as it is."""
-    from ..train.distributed import all_reduce_flags
-    from ..train.world_size_resume import convert_to_universal, describe, needs_universal, universal_tag
+    from ..train.checkpoint import candidates
+    from ..train.distributed import all_reduce_flags, broadcast_text
+    from ..train.world_size_resume import convert_first_good, describe, needs_universal, read_geometry
     if saved is None or not needs_universal(saved, world, ds_config["zero_optimization"]["stage"]):
         return None
-    error = None
+    error, universal = None, None
     if rank == 0:
         print(f"[{name}] {describe(ckpt_dir / tag, saved, world, train)}; converting it to a universal "
               f"checkpoint", flush=True)
         try:
-            convert_to_universal(ckpt_dir, tag, ckpt_dir.parent / "universal_conversion.log")
+            # A broken newest checkpoint falls back to an older one of the same geometry.
+            tags = [t for t in candidates(ckpt_dir) if t == tag or read_geometry(ckpt_dir / t, train) == saved]
+            universal = convert_first_good(ckpt_dir, tags[tags.index(tag):],
+                                           ckpt_dir.parent / "universal_conversion.log")
         except CompTError as e:
             error = e
     (failed,) = all_reduce_flags(error is not None)   # also the barrier: every rank waits for the files
@@ -173,7 +177,7 @@ def _universal_tag(ckpt_dir, tag, saved, world, train, ds_config, rank, name) ->
     if failed:
         raise SystemExit(EXIT_BAD_INPUT)
     ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    return universal_tag(tag)
+    return broadcast_text(universal if rank == 0 else None)
 
 
 def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:

@@ -42,7 +42,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import CompTError
-from ..files import build_once
+from ..files import build_once, files_fingerprint
 from .image_files import load_image  # noqa: F401  (part of this module's interface)
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)   # open_clip's OPENAI_DATASET_MEAN / STD: what its
@@ -269,7 +269,7 @@ def prepare_image_text(data, context_length: int, out: Path) -> Path:
                 "tokenizer": "open_clip SimpleTokenizer", "vocab_size": tokenizer.vocab_size,
                 "mean": MEAN, "std": STD, "captions": k, **extra}
 
-    return build_once(Path(out), key, build)
+    return build_once(Path(out), key, build, files_fingerprint(data.paths if data.corpus == "files" else []))
 
 
 class ImageText:

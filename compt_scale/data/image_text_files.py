@@ -2,7 +2,7 @@
 and webdataset tar shards, each image with one or more captions (LaCLIP's augmented captions).
 
 CSV: an image-path column (`data.image_field`) and caption columns: `data.caption_fields` if given,
-else `data.text_field` plus the numbered columns after it that exist (`title`, `title_1`, `title_2`,
+else `data.text_field` (left at its default `text` and absent: open_clip's `title`) plus the numbered columns after it that exist (`title`, `title_1`, `title_2`,
 ... as LaCLIP's augmented CSVs have them). With `data.caption_sep`, every caption cell is split on it
 too (several captions in one column). Empty cells are skipped; a row needs at least one caption.
 
@@ -22,6 +22,8 @@ from pathlib import Path
 from ..errors import CompTError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+DEFAULT_TEXT_FIELD = "text"        # data.text_field's default (the decoders' column name)
+OPEN_CLIP_CAPTION_KEY = "title"    # open_clip's --csv-caption-key default (--csv-img-key: filepath)
 
 
 def split_captions(values, sep: str | None) -> list[str]:
@@ -42,12 +44,16 @@ def caption_columns(data, columns: list[str], where) -> list[str]:
         if missing:
             raise CompTError(f"data.caption_fields: {missing[0]!r} not in {where} (columns: {', '.join(columns)})")
         return list(data.caption_fields)
-    if data.text_field not in columns:
-        raise CompTError(f"data.text_field: column {data.text_field!r} not in {where} "
+    field = data.text_field
+    if field == DEFAULT_TEXT_FIELD and field not in columns and OPEN_CLIP_CAPTION_KEY in columns:
+        field = OPEN_CLIP_CAPTION_KEY   # the default left as is: open_clip's own (--csv-caption-key)
+    if field not in columns:
+        also = f" nor open_clip's {OPEN_CLIP_CAPTION_KEY!r}" if field == DEFAULT_TEXT_FIELD else ""
+        raise CompTError(f"data.text_field: column {field!r}{also} not in {where} "
                          f"(columns: {', '.join(columns)})")
-    cols, i = [data.text_field], 1
-    while f"{data.text_field}_{i}" in columns:
-        cols.append(f"{data.text_field}_{i}")
+    cols, i = [field], 1
+    while f"{field}_{i}" in columns:
+        cols.append(f"{field}_{i}")
         i += 1
     return cols
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import CompTError
-from ..files import build_once
+from ..files import build_once, files_fingerprint
 from .corpus import load_splits
 
 TEXT_KEYS = ("corpus", "paths", "text_field", "tokenizer", "vocab_size", "seq_len", "val_fraction", "max_chars")
@@ -122,7 +122,10 @@ def prepare_data(data, out: Path) -> Path:
         return {"vocab_size": vocab, "dtype": np.dtype(dtype).name, "seq_len": data.seq_len, "tokens": counts,
                 "eos_id": tok.eos_token_id}
 
-    return build_once(Path(out), key, build)
+    # The corpus and tokenizer files' contents too: an edited corpus is prepared again.
+    inputs = (data.paths if data.corpus != "stdlib" else []) + \
+        ([data.tokenizer] if data.tokenizer != "train" and Path(data.tokenizer).exists() else [])
+    return build_once(Path(out), key, build, files_fingerprint(inputs))
 
 
 def doc_positions(inputs: np.ndarray, eos: int) -> np.ndarray:

@@ -76,9 +76,10 @@ class Usr1Forwarder:
         # SIGTERM (SLURM's requeue, scancel, `chain` stopped) and SIGINT (Ctrl-C) mean the same as USR1
         # to a stage: checkpoint and exit 99. torchrun's agent would instead SIGTERM the workers and
         # die with a traceback, so it is told to leave these two signals to us.
-        # (torchrun's --signals-to-handle defaults from PET_SIGNALS_TO_HANDLE; older torch reads the other.)
-        os.environ["PET_SIGNALS_TO_HANDLE"] = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        # SIGHUP (the terminal closed) too. (torchrun's --signals-to-handle defaults from
+        # PET_SIGNALS_TO_HANDLE; older torch reads the other.)
+        os.environ["PET_SIGNALS_TO_HANDLE"] = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGQUIT"
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         threading.Thread(target=self._retry_loop, daemon=True, name="usr1-forward").start()
 

@@ -8,6 +8,7 @@ job, written through compt_scale.files.atomic_dir so `<stage>/model` is either c
 """
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import shutil
@@ -51,12 +52,32 @@ def read_latest(ckpt_dir: Path) -> str | None:
     return tag if tag in _tags(ckpt_dir) else None
 
 
+def check_writable(ckpt_dir: Path) -> None:
+    """Before training: a checkpoints dir that cannot be written (read-only, a file in its place) is
+    one line now, not a traceback at the first save."""
+    ckpt_dir = Path(ckpt_dir)
+    # Probed where the next save writes: in the dir, or (before the first save makes it) beside it.
+    where = ckpt_dir if ckpt_dir.exists() else ckpt_dir.parent
+    probe = where / f".write-test-{os.uname().nodename}-{os.getpid()}"
+    try:
+        if ckpt_dir.exists() and not ckpt_dir.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CompTError(f"cannot write checkpoints to {ckpt_dir}: {e.strerror or e}") from None
+
+
 def save(engine, ckpt_dir: Path, step: int, loop_state: dict, geometry: dict, keep: int = KEEP_CHECKPOINTS) -> None:
     """`geometry`: world, train (TrainSpec), zero_stage; recorded so another world size can resume."""
     tag = f"global_step{step}"
     # `latest` is ours to write: DeepSpeed would rewrite it in place, before every rank has finished.
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": loop_state, "rng": rng_state()},
-                           save_latest=False)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": loop_state, "rng": rng_state()},
+                               save_latest=False)
+    except PermissionError as e:   # made read-only during the run (a full disk is the stage's to handle)
+        raise CompTError(f"cannot write checkpoint {Path(ckpt_dir) / tag}: {e.strerror}; earlier checkpoints "
+                         f"kept") from None
     dist.barrier()
     if dist.get_rank() == 0:
         write_geometry(Path(ckpt_dir) / tag, **geometry)

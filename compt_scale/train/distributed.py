@@ -29,6 +29,7 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    quiet_collective_deprecations()
     if not dist.is_initialized():
         import deepspeed
 
@@ -37,6 +38,18 @@ def init_distributed() -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()
+
+
+# torch deprecates the tensor collectives DeepSpeed's ZeRO-3 calls for every parameter it gathers or
+# reduces (all_gather_into_tensor, reduce_scatter_tensor, their _base forms): ~65 FutureWarning lines
+# per step, about code that is not ours. Only these messages are silenced; every other warning stays.
+_COLLECTIVE_DEPRECATION = (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base|"
+                           r"_reduce_scatter_base)` (is deprecated|is a private function)")
+
+
+def quiet_collective_deprecations() -> None:
+    import warnings
+    warnings.filterwarnings("ignore", message=_COLLECTIVE_DEPRECATION, category=FutureWarning)
 
 
 def device() -> torch.device:
@@ -56,3 +69,10 @@ def all_reduce_mean(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device())
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def broadcast_text(text: str | None) -> str:
+    """Rank 0's string on every rank."""
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

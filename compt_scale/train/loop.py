@@ -143,6 +143,7 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     """Train one stage to cfg.steps (resuming when asked); returns the final figures and the engine."""
     world, t = dist.get_world_size(), cfg.train
     train_data = cfg.family.dataset(cfg.spec, cfg.data_dir, "train")
+    checkpoint.check_writable(cfg.stage_dir / "checkpoints")   # a read-only dir: one line, before any step
     engine = build_engine(student_with_ifd, teacher, cfg)
     loop, resumed_from = _start_state(engine, teacher, train_data, cfg)
     # alpha: auto is re-set at every eval from the steps since the previous one (objective.AutoAlpha)

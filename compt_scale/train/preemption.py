@@ -1,7 +1,8 @@
-"""Preemption signals: SIGUSR1 (SLURM's warning), SIGTERM (SLURM's requeue, scancel, node shutdown) and
-SIGINT (Ctrl-C) all mean "checkpoint and exit 99, to be resumed". Stdlib only, so `stage` can install
-the handler first thing, before torch is imported: a signal during start-up (data preparation, model
-build, growth) then ends the stage at the next phase boundary with a record instead of killing it.
+"""Preemption signals: SIGUSR1 (SLURM's warning), SIGTERM (SLURM's requeue, scancel, node shutdown),
+SIGINT (Ctrl-C) and SIGHUP (the terminal closed) all mean "checkpoint and exit 99, to be resumed".
+Stdlib only, so `stage` can install the handler first thing, before torch is imported: a signal
+during start-up (data preparation, model build, growth) then ends the stage at the next phase
+boundary with a record instead of killing it.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import signal
 
 from ..errors import EXIT_PREEMPTED
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Preemption:

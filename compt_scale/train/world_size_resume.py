@@ -103,13 +103,20 @@ def universal_tag(tag: str) -> str:
     return tag + UNIVERSAL_SUFFIX
 
 
+COMPLETE_MARKER = "compt_universal_complete"   # written last: a dir without it is junk, rebuilt
+
+
 def convert_to_universal(ckpt_dir: Path, tag: str, log: Path) -> str:
     """DeepSpeed's ds_to_universal on `tag` (rank 0 only; a subprocess, so its worker pool never forks
-    a process holding a process group). Returns the universal tag; reuses a finished conversion."""
+    a process holding a process group). Returns the universal tag; reuses a finished conversion (one
+    with its completion marker; anything else under that name is removed and rebuilt)."""
     ckpt_dir = Path(ckpt_dir)
     out = ckpt_dir / universal_tag(tag)
-    if out.is_dir():
+    if (out / COMPLETE_MARKER).is_file():
         return out.name
+    if out.exists():
+        print(f"[resume] {out} is incomplete (no {COMPLETE_MARKER}): rebuilding it", file=sys.stderr, flush=True)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
     tmp = ckpt_dir / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
@@ -123,8 +130,27 @@ def convert_to_universal(ckpt_dir: Path, tag: str, log: Path) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CompTError(f"checkpoint {ckpt_dir / tag}: conversion to a universal checkpoint failed "
                          f"(exit {r.returncode}); DeepSpeed's output is in {log}")
+    (tmp / COMPLETE_MARKER).write_text(tag + "\n")
     tmp.rename(out)
     return out.name
+
+
+def convert_first_good(ckpt_dir: Path, tags: list[str], log: Path) -> str:
+    """Convert the first of `tags` (best first, all of one geometry) that converts; a broken one is
+    skipped with one line, like a regular resume falls back to the previous kept checkpoint."""
+    errors = []
+    for tag in tags:
+        try:
+            universal = convert_to_universal(ckpt_dir, tag, log)
+        except CompTError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            print(f"[resume] {errors[-1]}; resuming from {Path(ckpt_dir) / tag} instead", file=sys.stderr,
+                  flush=True)
+        return universal
+    raise CompTError(errors[0] if len(errors) == 1 else
+                     f"no convertible checkpoint in {ckpt_dir}: {errors[0]} (and {len(errors) - 1} older)")
 
 
 def drop_universal(ckpt_dir: Path) -> None:
