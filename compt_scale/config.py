@@ -444,7 +444,7 @@ def parse_chain(raw: Any, source: str | None = None, base_dir: Path | None = Non
         items = raw.get(key) or []
         if not isinstance(items, list):
             raise CompTError(f"spec.{key}: expected a list of stages")
-        out = []
+        out: list[StageSpec] = []
         for i, s in enumerate(items):
             st = _build(StageSpec, s, f"{key}[{i}]")
             if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", st.name) or st.name in RESERVED_STAGE_NAMES:
