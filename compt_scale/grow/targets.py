@@ -151,9 +151,8 @@ def derive_target(src: dict, width=1.0, depth=1.0, overrides: dict | None = None
     out[names["layers"]] = L1
     types = src.get("layer_types")
     if isinstance(types, list) and len(types) == L0 and L1 != L0 and "layer_types" not in overrides:
-        # the growth operator's own map: new layer j copies source layer s_j, and so does its type
+        # the growth operator's own map: new layer j has source layer s_j's type (s_j None: the one at j's depth)
         from .registry import depth_map
-        # (a layer the operator leaves at its own init, s None, takes the type at its relative depth)
         out["layer_types"] = [types[j * L0 // L1 if s is None else s]
                               for j, (s, _) in enumerate(depth_map(depth_op, L0, L1))]
     mwl = src.get("max_window_layers")
