@@ -26,8 +26,11 @@ slurm-deps:
 demo: $(STAMP)
 	$(BIN)/compt-scale demo --out runs/demo
 
+# ruff; the layers contract (pyproject [tool.importlinter]); mypy on the package ([tool.mypy]).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 test: $(STAMP) slurm-deps
 	$(BIN)/python -m pytest -q --durations=15 tests

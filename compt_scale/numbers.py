@@ -39,7 +39,7 @@ def as_int(value: Any, where: str) -> int:
     if isinstance(value, str):
         exact = parse_decimal(value)
         whole = exact is not None and abs(exact) <= INT_LIMIT and exact == exact.to_integral_value()
-        if not whole:
+        if exact is None or not whole:
             raise CompTError(f"{where}: expected an integer, got {value!r}")
         return int(exact)
     # .inf/.nan are YAML floats: int() of them raises (or would truncate), so check finiteness first.

@@ -77,7 +77,7 @@ def _stages(out_dir: Path) -> tuple[dict, list[dict]]:
     recs = []
     for name, rec in manifest["stages"].items():
         r = dict(rec, name=name, kind=rec.get("kind", "chain"), metrics=read_metrics(out_dir / name / "metrics.jsonl"))
-        final = next((m for m in reversed(r["metrics"]) if m.get("final")), {})
+        final: dict = next((m for m in reversed(r["metrics"]) if m.get("final")), {})
         r["final_metrics"] = final
         for key in ("tokens", "macs", "val_loss"):
             mkey = "final_val_loss" if key == "val_loss" else key
@@ -125,7 +125,7 @@ def _matched(recs: list[dict], axis: str = "macs") -> list[str]:
         curve = eval_curve(r["metrics"], axis)
         if base is None or not curve:
             continue
-        final = r.get("final_val_loss") if r.get("final_val_loss") is not None else curve[-1][1]
+        final = r["final_val_loss"] if r.get("final_val_loss") is not None else curve[-1][1]
         q = matched_quality(curve, r[offset_key], final, eval_curve(base["metrics"], axis), base[axis],
                             base["final_val_loss"])
         lines.append(describe(r["name"], base["name"], q, unit))

@@ -57,6 +57,11 @@ def test_llama_multiple_of_256_and_hidden_override():
                    "sliding_attention", "sliding_attention"]),
     ("stack", ["full_attention", "sliding_attention", "sliding_attention",
                "full_attention", "sliding_attention", "sliding_attention"]),
+    # new layers left at their own init (no source layer) take the type at their relative depth j*3//6
+    ("constant", ["full_attention", "sliding_attention", "sliding_attention",
+                  "sliding_attention", "sliding_attention", "sliding_attention"]),
+    ("interval", ["full_attention", "full_attention", "sliding_attention", "sliding_attention",
+                  "sliding_attention", "sliding_attention"]),
 ])
 def test_qwen2_layer_types_extended_by_the_depth_map(depth_op, types):
     src = AutoConfig.for_model("qwen2", vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,

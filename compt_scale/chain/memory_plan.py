@@ -4,6 +4,7 @@ read from the stages' plans; a stage that does not fit gets the cheapest change 
 from __future__ import annotations
 
 import dataclasses
+from typing import TypeGuard
 
 from ..families import get_family
 from ..train import memory
@@ -16,12 +17,12 @@ def _chosen(plan: StagePlan, needs: list[memory.Need], gpu_mem: int) -> tuple[me
     train = plan.train
     if train.ds_config is not None:
         return None, f"ds_config {train.ds_config}"
-    if train.zero_stage != "auto":
+    if isinstance(train.zero_stage, int):   # 0-3 (validated by config.py), else "auto"
         return next(c for c in needs if c.preset == STAGE_PRESET[train.zero_stage]), "forced by train.zero_stage"
     return memory.choose(needs, gpu_mem), "auto: the first preset that fits"
 
 
-def _fits(need: memory.Need | None, gpu_mem: int) -> bool:
+def _fits(need: memory.Need | None, gpu_mem: int) -> TypeGuard[memory.Need]:
     return need is not None and need.total <= memory.HEADROOM * gpu_mem
 
 

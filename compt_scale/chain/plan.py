@@ -188,7 +188,7 @@ def plan_stage(spec: ChainSpec, name: str, world: int | None = None, *, out: Pat
     cfg = family.model_config(spec, stage, data_dir) if data_dir else family.plan_config(spec, stage)
     source = _source(spec, stage, out, world, loaded=data_dir is not None) if spec.is_chain_stage(name) else None
     grows = source is not None and (growth.init == "grow" or source.kind == "init")
-    changes = growth_changes(spec, stage, source.config, cfg) if grows else {}
+    changes = growth_changes(spec, stage, source.config, cfg) if grows and source is not None else {}
     cfg = with_changes(cfg, changes)
     teacher = source.config if source is not None and source.kind == "predecessor" and ifd.enabled else None
     params = family.param_count(cfg)

@@ -190,7 +190,7 @@ def plan_rows(spec, world: int | None = None) -> list[dict]:
     for i, st in enumerate(spec.stages):
         plan = plan_stage(spec, st.name, world)
         acc += plan.cost()["macs"]
-        ratio = plan.params / prev_params if prev_params else None
+        ratio: float | None = plan.params / prev_params if prev_params else None
         rows.append(dict(kind="chain", name=st.name, model=st.model, params=plan.params, ratio=ratio,
                          tokens=plan.tokens, steps=plan.steps, **plan.cost(), accumulated_macs=acc,
                          warnings=_warnings(spec, i, plan, ratio),
@@ -234,6 +234,7 @@ def plan_summary(spec, rows: list[dict] | None = None) -> dict:
     bases = [r for r in rows if r["kind"] == "baseline"]
     total = chain[-1]["accumulated_macs"]
     largest = spec.stages[-1]
+    source: str | None
     if spec.budget is not None:
         base, source = baseline_cost(spec, spec.budget.baseline_tokens)["macs"], \
             f"{largest.model} alone on budget.baseline_tokens={spec.budget.baseline_tokens}"

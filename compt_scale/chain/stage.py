@@ -234,6 +234,7 @@ def _materialize(family, plan: StagePlan, ds_config: dict, stage_dir: Path, rank
     student = io.build_student(plan.student, plan.seed, ds_config)
     record_memory(stage_dir, rank, "built", student)
     if plan.grown:
+        assert src is not None and src.path is not None  # grown: from its source (the run plans with --out)
         what = "predecessor export" if src.kind == "predecessor" else "init: model"
         report = _loading(plan.name, src.path,
                           lambda: io.fill(student, src.path, src.config, plan.student, plan.growth), what)
@@ -243,6 +244,7 @@ def _materialize(family, plan: StagePlan, ds_config: dict, stage_dir: Path, rank
             (stage_dir / "growth.json").write_text(json.dumps(report, indent=2, default=str))
     teacher, heads = None, None
     if plan.teacher is not None:
+        assert src is not None and src.path is not None  # the teacher: the predecessor's export on disk
         dtype = _dtype(plan.train)
         t_model, partitioned = _loading(plan.name, src.path, lambda: io.load_teacher(
             src.path, dtype, ds_config, plan.replicate_teacher))
@@ -286,6 +288,6 @@ def _resume_point(ckpt_dir: Path, resume: bool, train, world: int) -> ResumePoin
     """Resuming on another world size keeps the checkpoint's global batch: grad_accum is re-split."""
     from ..train.checkpoint import candidates
     from ..train.world_size_resume import read_geometry, resplit
-    tag = (candidates(ckpt_dir) or [None])[0] if resume else None
+    tag = next(iter(candidates(ckpt_dir)), None) if resume else None
     saved = read_geometry(ckpt_dir / tag, train) if tag else None
     return ResumePoint(tag, saved, resplit(saved, world, train, ckpt_dir / str(tag)))

@@ -191,8 +191,8 @@ def val_count(n: int, fraction: float) -> int:
 
 def _write_split(tmp: Path, split: str, items, n: int, size: int, tokenizer, ctx: int, k: int, load) -> None:
     imgs = np.memmap(tmp / f"{split}_images.u8", dtype=np.uint8, mode="w+", shape=(n, 3, size, size))
-    toks = np.memmap(tmp / f"{split}_tokens.i32", dtype=np.int32, mode="w+", shape=(n, k, ctx))
-    ncaps = np.zeros(n, dtype=np.int32)
+    toks: np.memmap = np.memmap(tmp / f"{split}_tokens.i32", dtype=np.int32, mode="w+", shape=(n, k, ctx))
+    ncaps: np.ndarray = np.zeros(n, dtype=np.int32)
     with open(tmp / f"{split}_captions.txt", "w") as f, open(tmp / f"{split}_captions.jsonl", "w") as fj:
         for start in range(0, n, 256):
             chunk = items[start:start + 256]
@@ -283,7 +283,7 @@ class ImageText:
         meta = json.loads((d / "meta.json").read_text())
         n, s, ctx, k = meta["samples"][split], meta["image_size"], meta["context_length"], meta.get("captions", 1)
         self.images = np.memmap(d / f"{split}_images.u8", dtype=np.uint8, mode="r", shape=(n, 3, s, s))
-        self.tokens = np.memmap(d / f"{split}_tokens.i32", dtype=np.int32, mode="r", shape=(n, k, ctx))
+        self.tokens: np.memmap = np.memmap(d / f"{split}_tokens.i32", dtype=np.int32, mode="r", shape=(n, k, ctx))
         nc = d / f"{split}_ncaps.i32"
         self.ncaps = np.fromfile(nc, dtype=np.int32) if nc.exists() else np.ones(n, dtype=np.int32)
         self.captions = captions

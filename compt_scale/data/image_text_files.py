@@ -93,6 +93,12 @@ def _json_captions(raw: bytes, data, where: str) -> list:
     return obj if isinstance(obj, list) else [obj]
 
 
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    f = tar.extractfile(member)
+    assert f is not None  # a regular file member (the caller checked isfile) always has a file object
+    return f.read()
+
+
 def read_tar(data, p: Path) -> list[tuple[tuple[Path, str], list[str]]]:
     """(image reference (tar path, member name), captions) for every sample of one shard."""
     samples: dict[str, dict] = {}
@@ -108,9 +114,9 @@ def read_tar(data, p: Path) -> list[tuple[tuple[Path, str], list[str]]]:
                 if ext in IMAGE_EXTS:
                     s["image"] = m.name
                 elif ext == ".json":
-                    s["caps"] += _json_captions(tar.extractfile(m).read(), data, f"{p}:{m.name}")
+                    s["caps"] += _json_captions(_member_bytes(tar, m), data, f"{p}:{m.name}")
                 elif ext == ".txt":
-                    s["caps"].append(tar.extractfile(m).read().decode("utf-8", "replace"))
+                    s["caps"].append(_member_bytes(tar, m).decode("utf-8", "replace"))
     except (OSError, tarfile.TarError) as e:
         raise CompTError(f"data.paths: cannot read {p} as a tar shard: {e}") from None
     rows = []
@@ -125,7 +131,7 @@ def read_tar(data, p: Path) -> list[tuple[tuple[Path, str], list[str]]]:
 
 
 def read_files(data, cache: Path) -> list[tuple[object, list[str]]]:
-    rows = []
+    rows: list[tuple[object, list[str]]] = []
     for p in map(Path, data.paths):
         rows += read_tar(data, p) if p.suffix == ".tar" else read_csv(data, p, cache)
     return rows

@@ -41,6 +41,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..config import ImageTextDataSpec
 from ..errors import CompTError
 from ..shard_urls import _scheme, is_local, local_path, resolve_patterns, split_patterns  # noqa: F401
 from .image_text_files import _json_captions, split_captions
@@ -58,7 +59,7 @@ def expand(patterns: list[str], where: str) -> list[str]:
     for p in patterns:
         try:
             got = list(braceexpand.braceexpand(p))
-        except braceexpand.UnbalancedBracesError:
+        except braceexpand.UnbalancedBracesError:  # type: ignore[attr-defined]  # braceexpand's .pyi omits it
             raise CompTError(f"{where}: malformed brace pattern {p!r}: unbalanced braces") from None
         # braceexpand leaves what it cannot read as is ('{00..x}', '{}'): that is never a shard name.
         bad = [u for u in got if ("{" in u or "}" in u) and (is_local(u) or ".." in u or "{}" in u)]
@@ -200,7 +201,7 @@ def eval_split(data) -> tuple[dict, int, dict]:
 @dataclass(frozen=True)
 class StreamPlan:
     """Everything a reader needs: the stream is a function of this and (epoch, reader) alone."""
-    data: object                 # ImageTextDataSpec
+    data: ImageTextDataSpec
     urls: tuple[str, ...]        # training shards, expanded
     seed: int
     rank: int
@@ -222,7 +223,9 @@ class StreamPlan:
     @property
     def reader_batches(self) -> int:
         """Micro-batches per reader per epoch (open_clip's num_worker_batches, rounded up)."""
-        return math.ceil(self.data.train_num_samples / (self.readers * self.micro_batch))
+        samples = self.data.train_num_samples
+        assert samples is not None  # validate() rejects a webdataset section without it
+        return math.ceil(samples / (self.readers * self.micro_batch))
 
     def check(self) -> None:
         if not self.data.resampled and len(self.urls) < self.readers:

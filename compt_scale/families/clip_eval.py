@@ -84,8 +84,8 @@ def evaluate(model, data_dir: Path, embed, device) -> dict:
         per = max(1, EVAL_BATCH // zs["prompts"])
         n_txt = -(-n_cls // per)
         for b in range(max(n_img, n_txt)):
-            ii = np.arange(b * EVAL_BATCH, (b + 1) * EVAL_BATCH) % len(images)
-            cc = np.arange(b * per, (b + 1) * per) % n_cls
+            ii: np.ndarray = np.arange(b * EVAL_BATCH, (b + 1) * EVAL_BATCH) % len(images)
+            cc: np.ndarray = np.arange(b * per, (b + 1) * per) % n_cls
             x = (torch.from_numpy(images[ii]).float().div_(255) - val.mean) / val.std
             i, t = _encode(model, x.to(device), prompts[cc].to(device), embed)
             if b < n_img:

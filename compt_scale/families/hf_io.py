@@ -103,8 +103,8 @@ def export_as_is(init: Path, tokenizer_dir: Path, out: Path) -> None:
             if f.is_file() and (f.suffix == ".safetensors" or f.name in ("model.safetensors.index.json",
                                                                         "config.json", "generation_config.json")):
                 shutil.copy2(f, tmp / f.name)
-        for f in TOKENIZER_FILES:
-            (tmp / f).unlink(missing_ok=True)
+        for name in TOKENIZER_FILES:
+            (tmp / name).unlink(missing_ok=True)
         AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp))
 
 

@@ -53,8 +53,8 @@ def _fixed(f: str) -> bool:
 
 
 def parse_spec(text: str) -> TensorSpec:
-    body, _, flags = text.partition("|")
-    flags = {x.strip() for x in flags.split(",") if x.strip()}
+    body, _, flag_text = text.partition("|")
+    flags = {x.strip() for x in flag_text.split(",") if x.strip()}
     dims = []
     for part in (p.strip() for p in body.split(",") if p.strip()):
         role, _, fs = part.partition(":")
@@ -70,9 +70,9 @@ def factor_sizes(spec: TensorSpec, sizes: dict[str, int], shape: tuple[int, ...]
         raise CompTError(f"{key}: layout has {len(spec.dims)} dims, tensor has shape {list(shape)}")
     out = []
     for (_role, fs), n in zip(spec.dims, shape, strict=True):
-        known = [int(f) if f.isdigit() else (None if f == "_" else sizes[f]) for f in fs]
-        rest = math.prod(k for k in known if k is not None)
-        known = [n // rest if k is None else k for k in known]
+        given = [int(f) if f.isdigit() else (None if f == "_" else sizes[f]) for f in fs]
+        rest = math.prod(k for k in given if k is not None)
+        known = [n // rest if k is None else k for k in given]
         if math.prod(known) != n:
             raise CompTError(f"{key}: shape {list(shape)} does not match the layout ({'*'.join(fs)} = "
                              f"{'*'.join(map(str, known))}); is the config right for this checkpoint?")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import CompTError
 from .axes import parse_spec
@@ -19,12 +19,12 @@ class Layout:
     the name transformers writes it under on disk when that differs (GPT-NeoX's lm_head is saved as
     embed_out): streaming reads such files, while the in-memory path sees the model's own names."""
     name: str
-    sizes: Callable[[object], dict[str, int]]
+    sizes: Callable[[Any], dict[str, int]]        # (the architecture's config: HF object or CLIP dict)
     tensors: dict[str, str]
     stacks: tuple[str, ...] = ("layers",)
     tied: dict[str, str] = field(default_factory=dict)
     saved_as: dict[str, str] = field(default_factory=dict)
-    is_tied: Callable[[object], bool] = lambda cfg: bool(getattr(cfg, "tie_word_embeddings", False))
+    is_tied: Callable[[Any], bool] = lambda cfg: bool(getattr(cfg, "tie_word_embeddings", False))
 
     def __post_init__(self):
         self._compiled = []

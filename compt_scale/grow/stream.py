@@ -42,7 +42,7 @@ class _FileSource(Source):
 
     def __init__(self, path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, ...]):
         self.path, self.offset, self.dtype, self.shape = path, offset, dtype, tuple(shape)
-        self._full = None
+        self._full: torch.Tensor | None = None
 
     def _rows(self, lo: int, hi: int) -> torch.Tensor:
         row = math.prod(self.shape[1:]) * torch.empty((), dtype=self.dtype).element_size()
@@ -121,7 +121,8 @@ class SafetensorsReader:
 
 def _write_shard(path: Path, items, produce) -> None:
     """items: [(key, dtype, shape)]; produce(key) -> tensor, called in order, written then dropped."""
-    header, off = {"__metadata__": {"format": "pt"}}, 0
+    header: dict[str, dict[str, object]] = {"__metadata__": {"format": "pt"}}
+    off = 0
     for k, dt, shape in items:
         n = math.prod(shape) * torch.empty((), dtype=dt).element_size()
         header[k] = {"dtype": _DT_NAME[dt], "shape": list(shape), "data_offsets": [off, off + n]}
@@ -148,7 +149,9 @@ def write_safetensors(out_dir: Path, items, produce, max_shard_bytes: int = 5 * 
     items: [(key, dtype, shape)] in order; produce(key) -> tensor, called once per key in that order
     (write=False: only called, for ranks that take part in each parameter's gather but write nothing).
     """
-    shards, cur, size = [], [], 0
+    shards: list[list[tuple]] = []
+    cur: list[tuple] = []
+    size = 0
     for it in items:
         n = _nbytes(it[1], it[2])
         if cur and size + n > max_shard_bytes:
@@ -202,7 +205,8 @@ def target_tensors(tgt_config) -> tuple[list[tuple[str, tuple]], dict[str, str]]
     """Target keys + shapes from a meta-device model (no memory), and tied alias -> canonical key."""
     from ..meta import meta_decoder
     sd = meta_decoder(tgt_config).state_dict(keep_vars=True)
-    first, alias = {}, {}
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
     for k, v in sd.items():
         if id(v) in first:
             alias[k] = first[id(v)]

@@ -17,14 +17,24 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TypedDict
 
 from ..errors import CompTError
 from ..numbers import like, parse_decimal
 
+
+class _SizeNames(TypedDict):
+    hidden: str
+    heads: str
+    kv: str | None
+    ffn: str
+    layers: str
+
+
 # Field names of the primary sizes per model_type; None: the architecture has no such field.
-_DEFAULT = {"hidden": "hidden_size", "heads": "num_attention_heads", "kv": "num_key_value_heads",
+_DEFAULT: _SizeNames = {"hidden": "hidden_size", "heads": "num_attention_heads", "kv": "num_key_value_heads",
             "ffn": "intermediate_size", "layers": "num_hidden_layers"}
-NAMES = {
+NAMES: dict[str, _SizeNames] = {
     "gpt2": {"hidden": "n_embd", "heads": "n_head", "kv": None, "ffn": "n_inner", "layers": "n_layer"},
     "gpt_neox": {**_DEFAULT, "kv": None},
     "opt": {**_DEFAULT, "kv": None, "ffn": "ffn_dim"},
@@ -42,9 +52,12 @@ def parse_factor(value, where: str) -> float:
     else:
         m = _FACTOR.match(str(value))
         exact = parse_decimal(str(value))   # also 2.0e0, which YAML 1.1 hands over as a string
-        if not m and exact is None:
+        if m:
+            f = float(m.group(1))
+        elif exact is not None:
+            f = float(exact)
+        else:
             raise CompTError(f"{where}: expected a factor like 2x or 1.5x, got {value!r}")
-        f = float(m.group(1)) if m else float(exact)
     if not (math.isfinite(f) and f >= 1):
         raise CompTError(f"{where}: factor must be >= 1 (growth never shrinks), got {value!r}")
     return f
@@ -104,9 +117,9 @@ def derive_target(src: dict, width=1.0, depth=1.0, overrides: dict | None = None
     if not mt:
         raise CompTError("source config has no model_type")
     names = NAMES.get(mt, _DEFAULT)
-    for role in ("hidden", "heads", "layers"):
-        if src.get(names[role]) is None:
-            raise CompTError(f"source {mt} config has no {names[role]!r}; cannot derive a target from it")
+    for key in (names["hidden"], names["heads"], names["layers"]):
+        if src.get(key) is None:
+            raise CompTError(f"source {mt} config has no {key!r}; cannot derive a target from it")
     unknown = [k for k in overrides if k not in src and k not in names.values()]
     if unknown:
         raise CompTError(f"unknown config field(s) for {mt}: {', '.join(sorted(unknown))}")
@@ -138,9 +151,10 @@ def derive_target(src: dict, width=1.0, depth=1.0, overrides: dict | None = None
     out[names["layers"]] = L1
     types = src.get("layer_types")
     if isinstance(types, list) and len(types) == L0 and L1 != L0 and "layer_types" not in overrides:
-        # the growth operator's own map: new layer j copies source layer s_j, and so does its type
+        # the growth operator's own map: new layer j has source layer s_j's type (s_j None: the one at j's depth)
         from .registry import depth_map
-        out["layer_types"] = [types[s] for s, _ in depth_map(depth_op, L0, L1)]
+        out["layer_types"] = [types[j * L0 // L1 if s is None else s]
+                              for j, (s, _) in enumerate(depth_map(depth_op, L0, L1))]
     mwl = src.get("max_window_layers")
     if isinstance(mwl, int) and mwl < L0 and "max_window_layers" not in overrides:
         out["max_window_layers"] = round(mwl * L1 / L0)

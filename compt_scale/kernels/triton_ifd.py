@@ -106,7 +106,7 @@ def chunked_sse_and_grads(s, t, w, b, need_s: bool, need_w: bool, need_b: bool):
     if m == 0 or n == 0:
         if ds is not None:
             ds.zero_()
-        return (sse_slots.sum().float(), ds, dw, db_slots.sum(0) if need_b else None)
+        return (sse_slots.sum().float(), ds, dw, db_slots.sum(0) if need_b and db_slots is not None else None)
     w_c = w.to(dt)  # the GEMMs run in the compute dtype (the weight may be an fp32 master copy)
     rows = chunk_rows(m, n, s.element_size())
     buf = torch.empty(rows, n, dtype=dt, device=dev)
@@ -115,11 +115,11 @@ def chunked_sse_and_grads(s, t, w, b, need_s: bool, need_w: bool, need_b: bool):
         s_c, y = s[m0:m0 + mc], buf[:mc]
         torch.mm(s_c, w_c.t(), out=y)
         _pass_launch(y, t[m0:m0 + mc], b, sse_slots, db_slots, want_grad)
-        if need_s:
+        if ds is not None:
             torch.mm(y, w_c, out=ds[m0:m0 + mc])
         if need_w:
             _accumulate_dw(dw, y, s_c)
-    db = db_slots.sum(0) if need_b else None  # fixed-order reduction of the fp32 slots
+    db = db_slots.sum(0) if need_b and db_slots is not None else None  # fixed-order reduction of the fp32 slots
     return sse_slots.sum().to(torch.float32), ds, dw, db
 
 

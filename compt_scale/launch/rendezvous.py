@@ -47,7 +47,7 @@ def resolve(name: str) -> list[str]:
         infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         return []
-    return [a for a in dict.fromkeys(i[4][0] for i in infos) if _usable(a)]
+    return [a for a in dict.fromkeys(str(i[4][0]) for i in infos) if _usable(a)]  # AF_INET: (host, port)
 
 
 def _is_this_host(host: str) -> bool:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 from ..chain.manifest import Manifest
 from ..errors import EXIT_PREEMPTED, CompTError
@@ -84,10 +85,11 @@ def slurm_seconds(text: str, what: str = "--time") -> int:
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if not m:
         raise CompTError(f"{what}: not a SLURM time limit (e.g. 90, 12:00:00, 2-00:00:00): {text!r}")
-    d, a, b, c = (int(x) if x else None for x in m.groups())
+    d, b, c = (int(x) if x else None for x in m.group(1, 3, 4))
+    a = int(m.group(2))   # the one group the pattern always has
     if d is not None:   # D-HH[:MM[:SS]]
         return ((d * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
-    if c is not None:   # HH:MM:SS
+    if b is not None and c is not None:   # HH:MM:SS (the pattern fills group 3 before group 4)
         return (a * 60 + b) * 60 + c
     return a * 60 + (b or 0)   # MM or MM:SS
 
@@ -116,10 +118,10 @@ def _check(spec, opts: SlurmOptions, out: Path) -> None:
             raise CompTError(f"--nodes: must be >= 1, got {n}")
     if opts.gpus_per_node < 0 or (opts.nproc_per_node is not None and opts.nproc_per_node < 1):
         raise CompTError("--gpus-per-node must be >= 0 and --nproc-per-node >= 1")
-    for what, value in (("--out", str(out)), ("working directory", str(Path.cwd()))):
-        if not SAFE_DIRECTIVE.fullmatch(value):  # it goes into --output= / --chdir= lines
+    for what, path_text in (("--out", str(out)), ("working directory", str(Path.cwd()))):
+        if not SAFE_DIRECTIVE.fullmatch(path_text):  # it goes into --output= / --chdir= lines
             raise CompTError(f"{what}: SLURM directives cannot hold this path (use letters, digits and "
-                             f"._-/+,@:=~ only): {value!r}")
+                             f"._-/+,@:=~ only): {path_text!r}")
     for flag, value in (("--partition", opts.partition), ("--time", opts.time), ("--mem", opts.mem),
                         ("--account", opts.account), *(("--time-per-stage", t) for t in opts.time_per_stage.values())):
         if value is not None and not SAFE_DIRECTIVE.fullmatch(str(value)):
@@ -229,18 +231,18 @@ def job_info(job_id: str | None) -> dict | None:
         return None
     r = _slurm("scontrol", "show", "job", "-o", str(job_id))
     if r.returncode == 0 and "JobState=" in r.stdout:
-        info = {}
+        info: dict[str, str] = {}
         for tok in r.stdout.split():
             k, _, v = tok.partition("=")
             info.setdefault(k, v)
         return info
-    r = _slurm_optional("squeue", "-h", "-j", str(job_id), "-o", "%T|%r")
-    if r is not None and r.returncode == 0 and r.stdout.strip():
-        state, _, reason = r.stdout.strip().splitlines()[0].partition("|")
+    q = _slurm_optional("squeue", "-h", "-j", str(job_id), "-o", "%T|%r")
+    if q is not None and q.returncode == 0 and q.stdout.strip():
+        state, _, reason = q.stdout.strip().splitlines()[0].partition("|")
         return {"JobState": state.strip(), "Reason": reason.strip() or "None"}
-    r = _slurm_optional("sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State,ExitCode")
-    if r is not None and r.returncode == 0 and r.stdout.strip():
-        state, _, code = r.stdout.strip().splitlines()[0].partition("|")
+    q = _slurm_optional("sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State,ExitCode")
+    if q is not None and q.returncode == 0 and q.stdout.strip():
+        state, _, code = q.stdout.strip().splitlines()[0].partition("|")
         # sacct says e.g. "CANCELLED by 0"
         return {"JobState": state.split()[0] if state.strip() else "UNKNOWN", "ExitCode": code, "Reason": "None"}
     return None
@@ -254,8 +256,8 @@ def _slurm_optional(*args: str) -> subprocess.CompletedProcess | None:
         return None
 
 
-def _alive(info: dict | None) -> bool:
-    return bool(info) and info.get("JobState") in ACTIVE_STATES and info.get("Reason") != NEVER
+def _alive(info: dict | None) -> TypeGuard[dict]:
+    return bool(info and info.get("JobState") in ACTIVE_STATES and info.get("Reason") != NEVER)
 
 
 def submit(spec, out: Path, scripts: dict[str, Path], log=print) -> dict[str, str | None]:

@@ -71,8 +71,8 @@ def all_reduce_mean(value: float) -> float:
     return t.item() / dist.get_world_size()
 
 
-def broadcast_text(text: str | None) -> str:
-    """Rank 0's string on every rank."""
+def broadcast_text(text: str | None) -> str | None:
+    """Rank 0's string (or None) on every rank."""
     box = [text]
     dist.broadcast_object_list(box, src=0)
     return box[0]

@@ -9,13 +9,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..config import ChainSpec, IFDSpec, TrainSpec
 from ..data.loader import PrefetchLoader, first_batches
 from ..errors import EXIT_PREEMPTED, CompTError
 from . import checkpoint, ds_patches, lr_rule, preemption
@@ -25,18 +26,21 @@ from .objective import AutoAlpha, FrozenTeacher, StudentWithIFD, alpha_at, calib
 from .speedups import apply_speedups
 from .step import train_step
 
+if TYPE_CHECKING:   # families sit above train (the layers contract); the annotation only
+    from ..families.base import Family
+
 
 @dataclass
 class LoopConfig:
     stage: str
     seed: int
     steps: int
-    family: object                  # the family module: dataset, losses, features, probe
-    spec: object                    # ChainSpec (the family reads its data section)
+    family: Family                  # dataset, losses, features, probe
+    spec: ChainSpec                 # the family reads its data section
     tokens_per_sample: int
     macs_per_step: float            # student train + teacher forward, for the whole world batch
-    train: object                   # TrainSpec
-    ifd: object                     # IFDSpec
+    train: TrainSpec
+    ifd: IFDSpec
     ds_config: dict
     stage_dir: Path
     data_dir: Path
