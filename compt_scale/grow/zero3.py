@@ -44,7 +44,7 @@ def grow_into_model(model: torch.nn.Module, src_state_or_reader, src_config, tgt
     src = src_state_or_reader
     params = dict(model.named_parameters())   # tied parameters appear once, under their first name
     steps, report, layout = plan(src_config, tgt_config, list(params), width, depth, noise_snr)
-    if report["untied_embeddings"]:
+    if report["config_changes"]:   # the growth must untie, and this live model is still tied
         raise CompTError("width 'clone' unties embeddings, which a live tied model cannot do: build the "
                          "target with tie_word_embeddings=False")
     rank = _rank()
