@@ -162,7 +162,12 @@ def test_signals_between_stages_sighup_and_a_deleted_export(tmp_path, tiny_data)
     chain = start("chain", spec, "--out", out, "--no-baselines")
     # a's final record is written after its last step, before its export and `done`.
     wait_for(lambda: any(r.get("final") for r in read_metrics(out / "a")), chain, what="a's last step")
+    # The stage is paused while the signal lands, so it is surely between its last step and its end.
+    stage_pid = json.loads((out / "a" / ".lock").read_text())["pid"]
+    os.kill(stage_pid, signal.SIGSTOP)
     chain.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    os.kill(stage_pid, signal.SIGCONT)
     _, err = chain.communicate(timeout=300)
     assert chain.returncode == EXIT_PREEMPTED, err[-3000:]
     assert "SIGTERM after stage a finished" in err, err[-3000:]
