@@ -156,7 +156,7 @@ def test_signals_between_stages_sighup_and_a_deleted_export(tmp_path, tiny_data)
     finished stage is re-exported from its last checkpoint by the next `chain --resume`."""
     steps = 12
     spec = write_spec(tmp_path / "c.yaml", [{"name": "a", "model": "llama-xs", "tokens": 4 * 4 * 32},
-                                            {"name": "b", "model": "llama-xs", "tokens": steps * 4 * 32}],
+                                            {"name": "b", "model": "llama-s", "tokens": steps * 4 * 32}],
                       data_dir=tiny_data, train={"save_every": 3, "eval_every": 1000}, ifd={"enabled": False})
     out = tmp_path / "out"
     chain = start("chain", spec, "--out", out, "--no-baselines")
