@@ -156,13 +156,18 @@ def test_signals_between_stages_sighup_and_a_deleted_export(tmp_path, tiny_data)
     finished stage is re-exported from its last checkpoint by the next `chain --resume`."""
     steps = 12
     spec = write_spec(tmp_path / "c.yaml", [{"name": "a", "model": "llama-xs", "tokens": 4 * 4 * 32},
-                                            {"name": "b", "model": "llama-xs", "tokens": steps * 4 * 32}],
+                                            {"name": "b", "model": "llama-s", "tokens": steps * 4 * 32}],
                       data_dir=tiny_data, train={"save_every": 3, "eval_every": 1000}, ifd={"enabled": False})
     out = tmp_path / "out"
     chain = start("chain", spec, "--out", out, "--no-baselines")
     # a's final record is written after its last step, before its export and `done`.
     wait_for(lambda: any(r.get("final") for r in read_metrics(out / "a")), chain, what="a's last step")
+    # The stage is paused while the signal lands, so it is surely between its last step and its end.
+    stage_pid = json.loads((out / "a" / ".lock").read_text())["pid"]
+    os.kill(stage_pid, signal.SIGSTOP)
     chain.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    os.kill(stage_pid, signal.SIGCONT)
     _, err = chain.communicate(timeout=300)
     assert chain.returncode == EXIT_PREEMPTED, err[-3000:]
     assert "SIGTERM after stage a finished" in err, err[-3000:]
