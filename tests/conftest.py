@@ -63,6 +63,24 @@ def run_cli(*args, check=True, timeout=600, env=None) -> subprocess.CompletedPro
     return proc
 
 
+def first_batch_loss(model_dir: Path, data_dir: Path, world: int, micro_batch: int, seq_len: int) -> float:
+    """The oracle for a grown or init: stage's first loss: plain transformers in fp32 on the saved
+    model, step 1's global batch (the logged loss is the mean of the ranks' micro-batch losses)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from compt_scale.data.packed import PackedTokens, sample_indices
+    train = PackedTokens(data_dir, "train", seq_len)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    losses = []
+    for rank in range(world):
+        x, y = train.batch(sample_indices(len(train), 0, 0, 0, 1, micro_batch, rank, world))
+        with torch.no_grad():
+            logits = model(input_ids=x).logits
+        losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item())
+    return sum(losses) / world
+
+
 # ---------------------------------------------------------------- metrics.jsonl readers
 def read_metrics(stage_dir: Path) -> list[dict]:
     """The stage's metric records; a missing file or a line torn by a kill mid-write is skipped

@@ -21,30 +21,15 @@ import torch
 import yaml
 from dtype_matrix import MICRO_BATCH, SEQ, save_init_dir, write_case
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
 
-from compt_scale.data.packed import PackedTokens, sample_indices
 from compt_scale.train.distributed import free_port
-from conftest import REPO, run_cli, write_spec
+from conftest import REPO, first_batch_loss, run_cli, write_spec
 
 # bf16 keeps 8 significant bits: the student's bf16 forward and its weights rounded to bf16 (an fp32
 # init dir) moved the first loss by <= 0.005 (measured, 1 rank). The init dirs' teachers are trained
 # (dtype_matrix.save_init_dir), so a student that lost their function is far off; an untrained
 # scratch teacher (2 steps) sits near any random model's loss: there the check is weaker.
 LOSS_TOL = 0.03
-
-
-def teacher_loss_on_first_batch(teacher_dir: Path, data_dir: Path, world: int) -> float:
-    """Step 1's logged loss is the mean over ranks of each rank's micro-batch loss."""
-    train = PackedTokens(data_dir, "train", SEQ)
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    losses = []
-    for rank in range(world):
-        x, y = train.batch(sample_indices(len(train), 0, 0, 0, 1, MICRO_BATCH, rank, world))
-        with torch.no_grad():
-            logits = model(input_ids=x).logits
-        losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item())
-    return sum(losses) / world
 
 
 def export_dtypes(model_dir: Path) -> set[str]:
@@ -87,7 +72,7 @@ def check_case(case: dict) -> dict:
     assert (first["ifd_loss"] > 0) == case["ifd"], (case["name"], first)
     spec = yaml.safe_load(Path(case["spec"]).read_text())
     data_dir = Path(spec["data"]["cache_dir"])
-    oracle = teacher_loss_on_first_batch(out / "a" / "model", data_dir, case["world"])
+    oracle = first_batch_loss(out / "a" / "model", data_dir, case["world"], MICRO_BATCH, SEQ)
     assert first["task_loss"] == pytest.approx(oracle, abs=LOSS_TOL), (case["name"], first["task_loss"], oracle)
     trained = ["a", "b"] if spec["stages"][0]["tokens"] > 0 else ["b"]
     for stage in trained:

@@ -22,8 +22,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from compt_scale.data.packed import PackedTokens, sample_indices
-from conftest import TINY_TRAIN, run_cli
+from compt_scale.data.packed import PackedTokens
+from conftest import TINY_TRAIN, first_batch_loss, run_cli
 
 TEXT = Path(json.__file__).read_text() + Path(yaml.__file__).read_text()
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}   # train-mode loss = eval loss
@@ -68,20 +68,6 @@ def write_chain(tmp_path: Path, init: Path, arch: str, train: dict, tokens: int 
     return path
 
 
-def init_loss_on_first_batch(init: Path, data_dir: Path, world: int, mb: int = 2) -> float:
-    """The oracle: plain transformers, the init model, step 1's global batch (the logged loss is the
-    mean of the ranks' micro-batch losses)."""
-    train = PackedTokens(data_dir, "train", 32)
-    model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32).eval()
-    losses = []
-    for rank in range(world):
-        x, y = train.batch(sample_indices(len(train), 0, 0, 0, 1, mb, rank, world))
-        with torch.no_grad():
-            logits = model(input_ids=x).logits
-        losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item())
-    return sum(losses) / world
-
-
 def check_export_matches_engine(stage_dir: Path, data_dir: Path) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(stage_dir / "model", dtype=torch.float32).eval()
     x, _ = PackedTokens(data_dir, "val", 32).batch([0, 1])
@@ -108,7 +94,7 @@ def test_chain_from_padded_tied_qwen2_zero3_two_ranks(tmp_path):
     # Function preserved through the real stage path (tied embeddings untied by clone, padded vocab kept).
     first = json.loads((out / "big" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1
-    assert first["task_loss"] == pytest.approx(init_loss_on_first_batch(init, tmp_path / "data", 2), abs=2e-5)
+    assert first["task_loss"] == pytest.approx(first_batch_loss(init, tmp_path / "data", 2, 2, 32), abs=2e-5)
     # No rank held a student parameter whole while it was built and grown; each held about half.
     for rank in (0, 1):
         mem = json.loads((out / "big" / "memory" / f"rank{rank}.json").read_text())
@@ -131,7 +117,7 @@ def test_chain_from_tied_gpt2_clone_preserves_loss_zero0(tmp_path):
     out = tmp_path / "out"
     run_cli("chain", spec, "--out", out)
     first = json.loads((out / "big" / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["task_loss"] == pytest.approx(init_loss_on_first_batch(init, tmp_path / "data", 1), abs=2e-5)
+    assert first["task_loss"] == pytest.approx(first_batch_loss(init, tmp_path / "data", 1, 2, 32), abs=2e-5)
     model = check_export_matches_engine(out / "big", tmp_path / "data")
     assert (out / "big" / "model" / "model.safetensors").is_file()   # one shard at the default size
     assert model.config.vocab_size == 320
