@@ -271,7 +271,7 @@ def _record_done(manifest: Manifest, plan: StagePlan, result: dict, ds_config: d
         plan.name, status="done", params=plan.params, tokens=result["tokens"], steps=plan.steps,
         train_macs=cost["train_macs"], teacher_macs=cost["teacher_macs"], macs=cost["macs"],
         final_val_loss=result["final_val_loss"], alpha=result["alpha"], export=f"{plan.name}/model",
-        teacher=plan.source.stage if plan.teacher is not None and plan.source else None,
+        teacher=plan.source.stage if plan.source is not None else None,   # the predecessor (None: init: or first)
         seconds=result["seconds"], gpu_seconds=result["gpu_seconds"], growth=plan.growth.__dict__ if plan.source and plan.source.kind == "predecessor"
         else None, zero_stage=ds_config["zero_optimization"]["stage"],
         **lr_rule.describe(plan.train, plan.student, plan.spec.family))
