@@ -8,7 +8,9 @@ unknown device there is no peak, and `mfu` is logged as null.
 """
 from __future__ import annotations
 
+import errno
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -64,6 +66,26 @@ class Throughput:
         return out
 
 
+_TB_HOOKED = False
+
+
+def _quiet_full_disk_in_tensorboard() -> None:
+    """TensorBoard writes its event file from a background thread; on a full disk that thread dies
+    with a traceback on stderr, while the stage itself reports the full disk in one line (and keeps
+    the earlier checkpoints). Only that thread's ENOSPC/EDQUOT is silenced; anything else is shown."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError) and args.exc_value.errno in (errno.ENOSPC, errno.EDQUOT) \
+                and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    global _TB_HOOKED
+    if not _TB_HOOKED:
+        threading.excepthook, _TB_HOOKED = hook, True
+
+
 class MetricsLog:
     """metrics.jsonl + TensorBoard, written by rank 0 only. Each line written also refreshes the
     stage lock's heartbeat (handed in by the stage: chain/lock.py), so another host sees the stage
@@ -79,6 +101,7 @@ class MetricsLog:
             recs = [r for r in map(_parse_line, lines) if r is not None]
             kept = [r for r in recs if r.get("step", 0) <= (resume_step or 0) and not r.get("final")]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            _quiet_full_disk_in_tensorboard()
             self.tb = SummaryWriter(str(stage_dir / "tb"))
 
     def write(self, rec: dict) -> None:
@@ -93,7 +116,11 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.rank0:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError as e:   # a full disk: the stage reports it (and what it kept) in one line
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
 
 
 def _parse_line(line: str) -> dict | None:
