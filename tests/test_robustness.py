@@ -83,14 +83,14 @@ def test_growth_fields_must_be_whole_numbers(tmp_path):
     grown = derive_target(src, overrides={"hidden_size": 128.0, "num_hidden_layers": "4", "rope_theta": 5e5})
     assert (grown["hidden_size"], grown["num_hidden_layers"], grown["rope_theta"]) == (128, 4, 5e5)
     for bad in ({"hidden_size": 100.5}, {"num_hidden_layers": "two"}, {"intermediate_size": True}):
-        with pytest.raises(CompTError, match=f"{next(iter(bad))}: expected a whole number"):
+        with pytest.raises(CompTError, match=f"{next(iter(bad))}: expected an integer"):
             derive_target(src, overrides=bad)
     src_dir = tmp_path / "src"
     src_dir.mkdir()
     (src_dir / "config.json").write_text(json.dumps(src))
     r = run_cli("grow", "--from", src_dir, "--set", "hidden_size=96.5", "--out", tmp_path / "g", check=False)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "compt-scale: error: hidden_size: expected a whole number, got 96.5"], r.stderr
+        "compt-scale: error: hidden_size: expected an integer, got 96.5"], r.stderr
     assert not (tmp_path / "g").exists()
 
 
