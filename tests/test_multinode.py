@@ -231,5 +231,5 @@ def test_wrong_rendezvous_is_one_line_exit_2_within_the_timeout(chain, slurm_two
         assert not (out / "s2").exists()
         status = slurm_cli(cluster, chain.spec, "--out", out, "--status").stdout
         assert "running" not in status, status
-    assert f":{port} " in Manifest(outs["port"]).stage("s2")["error"]
+    assert f":{port}" in Manifest(outs["port"]).stage("s2")["error"]
     assert "198.51.100.1:" in Manifest(outs["unreachable"]).stage("s2")["error"]
