@@ -8,7 +8,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 # DeepSpeed's JIT-built CPU ops are cached per checkout (see tests/conftest.py).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: demo test test-fast lint setup slurm-deps clean bench
+.PHONY: demo test test-heavy test-fast lint setup slurm-deps clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,8 +32,12 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
+# The suite without the heavy tier (< 30 min on 2 cores); CI (.ci/run) then runs the heavy tier too.
 test: $(STAMP) slurm-deps
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=15 -m "not heavy" tests
+
+test-heavy: $(STAMP) slurm-deps
+	$(BIN)/python -m pytest -q --durations=15 -m heavy tests
 
 # The fast tier (< 2 min): no multi-process, SLURM or slow tests.
 test-fast: $(STAMP)

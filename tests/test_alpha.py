@@ -18,6 +18,7 @@ def _lines(stage_dir):
     return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_auto_alpha_tracks_ratio_numeric_and_schedule_on_a_real_run(tmp_path, tiny_data):
     spec = write_spec(tmp_path / "alpha.yaml", [

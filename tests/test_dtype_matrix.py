@@ -86,6 +86,7 @@ def test_bf16_matrix_one_rank_one_process(tmp_path, tiny_data):
     print(json.dumps(results, indent=1))
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 @pytest.mark.dist
 def test_bf16_matrix_two_ranks_one_launch(tmp_path, tiny_data):

@@ -47,6 +47,7 @@ def test_variants_and_wall_clock_by_hand(tmp_path):
     assert wc["chain_seconds_to_match"] == pytest.approx(21.6) and wc["speedup"] == pytest.approx(50 / 21.6)
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
     """The CoM-PT chain and the independent s3 only (4 stage processes; the variants' own code path,

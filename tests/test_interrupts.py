@@ -150,6 +150,7 @@ def test_preemption_signal_during_data_preparation_is_recorded_and_resumable(tmp
     assert read_metrics(out / "a")[-1].get("final")
 
 
+@pytest.mark.heavy
 def test_signals_between_stages_sighup_and_a_deleted_export(tmp_path, tiny_data):
     """SIGTERM after stage a's last step: a stays done, b never starts, exit 99. SIGHUP during b: b
     checkpoints (no orphan), exit 99. Resume finishes b without redoing a step; a deleted export of a

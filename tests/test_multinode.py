@@ -28,7 +28,7 @@ from conftest import REPO, last_step, read_metrics, run_cli, train_losses, write
 
 pytest_plugins = ["slurm_cluster"]
 # Whole stages on a 2-core box shared with other work: more than the suite's 600 s per test.
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.dist, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.dist, pytest.mark.heavy, pytest.mark.timeout(1800)]
 
 S2_STEPS = 40          # long enough to be signalled / killed mid-run on a busy 2-core box
 S2 = {"name": "s2", "model": "llama-s", "tokens": S2_STEPS * 4 * 2 * 32}   # global batch: 4 x 2 ranks

@@ -68,6 +68,7 @@ def test_two_stage_chain_runs_as_dependent_jobs(tmp_path, tiny_data, slurm_clust
     assert job_ids(out) == jobs
 
 
+@pytest.mark.heavy
 def test_preempted_job_checkpoints_requeues_and_matches_uninterrupted_losses(tmp_path, slurm_cluster,
                                                                              preempt_reference):
     ref = preempt_reference

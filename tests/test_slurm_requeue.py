@@ -21,6 +21,7 @@ def slurm_cli(cluster, *args, check=True):
     return run_cli("slurm", *args, env={"SLURM_CONF": cluster.env["SLURM_CONF"]}, check=check)
 
 
+@pytest.mark.heavy
 def test_slurm_requeue_sigterm_checkpoints_and_is_not_submitted_twice(tmp_path, tiny_data, slurm_cluster):
     spec = write_spec(tmp_path / "q.yaml", [{"name": "a", "model": "llama-xs", "tokens": STEPS * 4 * 32}],
                       data_dir=tiny_data, train={"save_every": 1000, "eval_every": 1000})
