@@ -8,8 +8,6 @@ budgets when the spec gives only `budget: {baseline_tokens, target_speedup}`. Th
 """
 from __future__ import annotations
 
-import math
-
 from ..errors import CompTError
 from ..families import get_family
 from ..flops import human
@@ -25,8 +23,8 @@ def _plan(spec, stage, world: int | None = None, tokens: int | None = None):
 
 def samples_per_step(spec, stage, world: int | None = None, train=None) -> int:
     """Samples in one optimizer step of `stage` on `world` ranks (default: the spec's nproc)."""
-    t = train or spec.train_for(stage)
-    return t.micro_batch_size * t.grad_accum * (spec.nproc if world is None else world)
+    from .plan import samples_per_step as per_step
+    return per_step(spec, train or spec.train_for(stage), spec.nproc if world is None else world)
 
 
 def tokens_per_step(spec, stage, world: int | None = None) -> int:
@@ -45,7 +43,8 @@ def baseline_cost(spec, tokens: int) -> dict:
     fam, largest = get_family(spec.family), spec.stages[-1]
     samples = samples_per_step(spec, largest)
     per_step = fam.stage_macs(fam.plan_config(spec, largest), None, spec, samples)
-    steps = 0 if tokens == 0 else max(1, math.ceil(tokens / (samples * fam.tokens_per_sample(spec))))
+    from .plan import steps_for_tokens
+    steps = steps_for_tokens(tokens, samples * fam.tokens_per_sample(spec))
     return {k: v * steps for k, v in per_step.items() if k in ("train_macs", "teacher_macs", "macs")}
 
 
