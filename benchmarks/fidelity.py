@@ -66,6 +66,10 @@ VARIANTS = {  # Table 4(b): per-stage overrides of the largest model's stage
     "ifd_only": {"growth": {"init": "random"}},
     "iwi_ifd": {},
 }
+# The paper's IFD weight: one fixed alpha for every experiment (alpha = 500, "corresponding to r = 0.1",
+# Supp. C and D.2), i.e. alpha * L_IFD = 0.1 L_task where alpha is set, then held. Here: calibrated on
+# each stage's first batches and held (recalibrate: false); --alpha-recalibrate re-sets it at every eval.
+IFD = {"alpha": "auto", "ratio": 0.1, "recalibrate": False}
 PAPER_4B = {"metric": "ImageNet-1K zero-shot top-1 % (higher is better), ViT-S at 24 epochs, CC3M",
             "scratch": 26.48, "iwi_only": 28.03, "ifd_only": 29.29, "iwi_ifd": 30.24, "baseline_128_epochs": 30.16}
 PAPER_ORDER = ["iwi_ifd", "ifd_only", "iwi_only", "scratch"]   # best first
@@ -79,7 +83,8 @@ def write_models(work: Path) -> dict[str, Path]:
     return paths
 
 
-def chain_spec(work: Path, seed: int, budget: int, variant: str, baselines: list[str], quick: bool) -> dict:
+def chain_spec(work: Path, seed: int, budget: int, variant: str, baselines: list[str], quick: bool,
+               recalibrate: bool = False) -> dict:
     """One chain spec: s1 -> s2 -> s3 (the variant's s3), plus the independent baselines if asked."""
     paths = write_models(work)
     seq, mb = 64, 16
@@ -97,6 +102,7 @@ def chain_spec(work: Path, seed: int, budget: int, variant: str, baselines: list
                      "max_chars": 400_000 if quick else 4_000_000, "cache_dir": str(work / "data")},
             "train": {"micro_batch_size": mb, "lr": BASE_LR, "lr_base_width": BASE_WIDTH, "eval_batches": 8,
                       "save_every": 10 ** 9, "log_every": 50, "zero_stage": 0},
+            "ifd": dict(IFD, recalibrate=recalibrate),
             "stages": stages,
             "baselines": [stage(f"{n}-indep", n, budget) for n in baselines]}
 
@@ -270,6 +276,8 @@ def main(argv=None) -> dict:
                     help="Table 4(b) variants to run (iwi_ifd, the chain itself, always runs)")
     ap.add_argument("--baselines", nargs="*", choices=["s3", "s2"], default=["s3", "s2"],
                     help="independent runs (seed 0 only)")
+    ap.add_argument("--alpha-recalibrate", action="store_true",
+                    help="alpha: auto re-set at every eval (default: calibrated once per stage, the paper's fixed alpha)")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds; then stop, analyse what finished")
     ap.add_argument("--analyse-only", action="store_true", help="train nothing: analyse --work as it stands")
     ap.add_argument("--work", type=Path, default=None, help="run dir (default: runs/fidelity[-quick]); resumable")
@@ -283,12 +291,13 @@ def main(argv=None) -> dict:
     deadline = time.time() + args.time_limit if args.time_limit else None
     t0 = time.time()
     meta = {"budget_tokens": budget, "chain_fractions": CHAIN_FRACTIONS, "base_lr": BASE_LR,
-            "lr_base_width": BASE_WIDTH, "models": MODELS, "quick": args.quick, "work": str(work)}
+            "lr_base_width": BASE_WIDTH, "models": MODELS, "quick": args.quick, "work": str(work),
+            "ifd": dict(IFD, recalibrate=args.alpha_recalibrate)}
     res = {}
     todo = [] if args.analyse_only else jobs(args.seeds, args.variants, args.baselines)
     for seed, variant, baselines in todo:
         vdir = work / f"seed{seed}" / variant
-        spec = chain_spec(work, seed, budget, variant, baselines, args.quick)
+        spec = chain_spec(work, seed, budget, variant, baselines, args.quick, args.alpha_recalibrate)
         spec_path = work / f"seed{seed}-{variant}.yaml"
         spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
         if variant != "iwi_ifd":

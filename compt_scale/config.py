@@ -143,6 +143,9 @@ class IFDSpec:
     alpha: float | str | dict = "auto"
     ratio: float = 0.1
     calib_batches: int = 4
+    # auto: re-set alpha at every eval (true), or calibrate once on the first batches and hold it for
+    # the stage (false: the paper's one fixed alpha, its r = 0.1 measured at the stage's start)
+    recalibrate: bool = True
     normalize: Literal["before", "after"] = "before"   # CLIP: T before ("before") or after the embeddings' L2 norm
     enabled: bool = True
     kernel: Literal["auto", "triton", "reference"] = "auto"   # the fused IFD loss: auto (Triton on CUDA) | triton | reference

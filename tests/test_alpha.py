@@ -1,4 +1,4 @@
-"""alpha modes (number, auto re-calibrated at every eval, linear schedule) and CLIP's ifd.normalize."""
+"""alpha modes (number, auto re-calibrated at every eval or held, linear schedule) and CLIP's ifd.normalize."""
 from __future__ import annotations
 
 import json
@@ -28,6 +28,9 @@ def test_auto_alpha_tracks_ratio_numeric_and_schedule_on_a_real_run(tmp_path, ti
         {"name": "c", "model": "llama-m", "tokens": 8 * 4 * 32, "ifd": {"alpha": 0.5}},
         {"name": "d", "model": "llama-l", "tokens": 6 * 4 * 32,
          "ifd": {"alpha": {"schedule": "linear", "start": 0.5}}},
+        # auto, calibrated once and held (the paper's fixed alpha): evals at steps 4 and 8 change nothing
+        {"name": "e", "model": "llama-l", "tokens": 10 * 16 * 32, "ifd": {"recalibrate": False},
+         "train": {"micro_batch_size": 16, "eval_every": 4}},
     ], data_dir=tiny_data, train={"zero_stage": 0, "eval_every": 10, "save_every": 100},
         ifd={"alpha": "auto", "ratio": 0.1})
     out = tmp_path / "out"
@@ -57,6 +60,17 @@ def test_auto_alpha_tracks_ratio_numeric_and_schedule_on_a_real_run(tmp_path, ti
     assert [m["alpha"] for m in d] == pytest.approx([0.5 * (1 - k / 5) for k in range(6)])
     assert d[-1]["ifd_loss"] == 0.0
 
+    e_lines = _lines(out / "e")
+    e_train = [m for m in e_lines if "task_loss" in m]
+    assert [m["step"] for m in e_lines if "val_loss" in m and not m.get("final")] == [4, 8]
+    assert not any("alpha" in m for m in e_lines if "val_loss" in m)   # no re-set at the evals
+    assert len({m["alpha"] for m in e_train}) == 1 and e_train[0]["alpha"] > 0
+    # the held alpha is the start's calibration: step 1 (one of the 4 calibration batches) sits near
+    # the ratio 0.1 (the 4 batches' mean); by the last step the student has moved toward its teacher
+    first, last = e_train[0], e_train[-1]
+    assert 0.04 < first["ifd_loss"] / first["task_loss"] < 0.25, first
+    assert last["ifd_loss"] / last["task_loss"] < first["ifd_loss"] / first["task_loss"], (first, last)
+
 
 def test_alpha_specs_validate():
     raw = {"name": "t", "data": dict(TINY_DATA), "train": dict(TINY_TRAIN),
@@ -65,11 +79,13 @@ def test_alpha_specs_validate():
     assert ok.ifd.alpha == {"schedule": "linear", "start": 2, "end": 1}
     assert alpha_at(ok.ifd.alpha, 0.0, 0, 11) == 2.0 and alpha_at(ok.ifd.alpha, 0.0, 10, 11) == 1.0
     assert alpha_at(1000.0, 1000.0, 5, 11) == 1000.0
+    assert ok.ifd.recalibrate is True and parse_chain({**raw, "ifd": {"recalibrate": False}}).ifd.recalibrate is False
     for bad, msg in (({"alpha": {"schedule": "cosine", "start": 1}}, "only 'linear'"),
                      ({"alpha": {"schedule": "linear"}}, "start: required"),
                      ({"alpha": {"schedule": "linear", "start": -1}}, "start: must be a number >= 0"),
                      ({"normalize": "never"}, "normalize: must be 'before' or 'after'"),
-                     ({"kernel": "cuda"}, "kernel: must be 'auto', 'triton' or 'reference'")):
+                     ({"kernel": "cuda"}, "kernel: must be 'auto', 'triton' or 'reference'"),
+                     ({"recalibrate": "sometimes"}, "recalibrate")):
         with pytest.raises(CompTError, match=msg):
             parse_chain({**raw, "ifd": bad})
 

@@ -150,8 +150,10 @@ def train_stage(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None,
     checkpoint.check_writable(cfg.stage_dir / "checkpoints")   # a read-only dir: one line, before any step
     engine = build_engine(student_with_ifd, teacher, cfg)
     loop, resumed_from = _start_state(engine, teacher, train_data, cfg)
-    # alpha: auto is re-set at every eval from the steps since the previous one (objective.AutoAlpha)
-    auto = AutoAlpha(loop) if (cfg.ifd.alpha == "auto" and teacher is not None and cfg.ifd.enabled) else None
+    # alpha: auto is re-set at every eval from the steps since the previous one (objective.AutoAlpha),
+    # unless ifd.recalibrate is false (then the first calibration holds for the whole stage)
+    auto = AutoAlpha(loop) if (cfg.ifd.alpha == "auto" and cfg.ifd.recalibrate and teacher is not None
+                               and cfg.ifd.enabled) else None
     run = _Run(engine, teacher, cfg, cfg.family.dataset(cfg.spec, cfg.data_dir, "val"),
                MetricsLog(cfg.stage_dir, resumed_from, cfg.heartbeat), auto, loop["alpha"], loop["step"],
                t.micro_batch_size * t.grad_accum * world * cfg.tokens_per_sample,
