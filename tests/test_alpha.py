@@ -25,12 +25,12 @@ def test_auto_alpha_tracks_ratio_numeric_and_schedule_on_a_real_run(tmp_path, ti
         {"name": "a", "model": "llama-xs", "tokens": 20 * 4 * 32},
         # alpha: auto; batches of 16 x 32 tokens so that one step's L_IFD is not mostly noise
         {"name": "b", "model": "llama-s", "tokens": 40 * 16 * 32, "train": {"micro_batch_size": 16}},
-        {"name": "c", "model": "llama-m", "tokens": 8 * 4 * 32, "ifd": {"alpha": 0.5}},
+        # auto, calibrated once and held (the paper's one fixed alpha): the eval at step 4 changes nothing
+        # (a number held for the stage: test_chain.py checks the manifest's alpha)
+        {"name": "c", "model": "llama-m", "tokens": 9 * 16 * 32, "ifd": {"recalibrate": False},
+         "train": {"micro_batch_size": 16, "eval_every": 4}},
         {"name": "d", "model": "llama-l", "tokens": 6 * 4 * 32,
          "ifd": {"alpha": {"schedule": "linear", "start": 0.5}}},
-        # auto, calibrated once and held (the paper's fixed alpha): evals at steps 4 and 8 change nothing
-        {"name": "e", "model": "llama-l", "tokens": 10 * 16 * 32, "ifd": {"recalibrate": False},
-         "train": {"micro_batch_size": 16, "eval_every": 4}},
     ], data_dir=tiny_data, train={"zero_stage": 0, "eval_every": 10, "save_every": 100},
         ifd={"alpha": "auto", "ratio": 0.1})
     out = tmp_path / "out"
@@ -54,22 +54,21 @@ def test_auto_alpha_tracks_ratio_numeric_and_schedule_on_a_real_run(tmp_path, ti
         med = (r[4] + r[5]) / 2
         assert (0.033 < med < 0.3) if e["step"] == 10 else (0.04 < med < 0.25), (e["step"], r)
 
-    assert {m["alpha"] for m in _lines(out / "c") if "task_loss" in m} == {0.5}
+    c_lines = _lines(out / "c")
+    c_train = [m for m in c_lines if "task_loss" in m]
+    assert [m["step"] for m in c_lines if "val_loss" in m and not m.get("final")] == [4, 8]
+    assert not any("alpha" in m for m in c_lines if "val_loss" in m)   # no re-set at the evals
+    assert len({m["alpha"] for m in c_train}) == 1 and c_train[0]["alpha"] > 0
+    # the held alpha is the start's calibration: step 1 (one of the 4 calibration batches) sits near
+    # the ratio 0.1 (the 4 batches' mean); by the last step the student has moved toward its teacher
+    first, last = c_train[0], c_train[-1]
+    assert 0.04 < first["ifd_loss"] / first["task_loss"] < 0.25, first
+    assert last["ifd_loss"] / last["task_loss"] < first["ifd_loss"] / first["task_loss"], (first, last)
     d = [m for m in _lines(out / "d") if "task_loss" in m]
     # linear from 0.5 at step 1 (index 0) to 0 at step 6 (index 5)
     assert [m["alpha"] for m in d] == pytest.approx([0.5 * (1 - k / 5) for k in range(6)])
     assert d[-1]["ifd_loss"] == 0.0
 
-    e_lines = _lines(out / "e")
-    e_train = [m for m in e_lines if "task_loss" in m]
-    assert [m["step"] for m in e_lines if "val_loss" in m and not m.get("final")] == [4, 8]
-    assert not any("alpha" in m for m in e_lines if "val_loss" in m)   # no re-set at the evals
-    assert len({m["alpha"] for m in e_train}) == 1 and e_train[0]["alpha"] > 0
-    # the held alpha is the start's calibration: step 1 (one of the 4 calibration batches) sits near
-    # the ratio 0.1 (the 4 batches' mean); by the last step the student has moved toward its teacher
-    first, last = e_train[0], e_train[-1]
-    assert 0.04 < first["ifd_loss"] / first["task_loss"] < 0.25, first
-    assert last["ifd_loss"] / last["task_loss"] < first["ifd_loss"] / first["task_loss"], (first, last)
 
 
 def test_alpha_specs_validate():
