@@ -62,6 +62,7 @@ def test_quick_run_end_to_end(tmp_path):
     res = json.loads(out.read_text())
     stages = json.loads((tmp_path / "w" / "seed0" / "iwi_ifd" / "manifest.json").read_text())["stages"]
     assert res["complete"] and res["seeds"] == [0]
+    assert res["ifd"] == {"alpha": "auto", "ratio": 0.1, "recalibrate": False}   # the paper's fixed alpha
     assert res["iwi_ifd"]["per_seed"] == {"0": stages["s3"]["final_val_loss"]}
     assert res["scratch"]["per_seed"] == {} and res["ordering"] is None   # not run: no ordering claimed
     assert (tmp_path / "w" / "seed0" / "iwi_ifd" / "s3" / "growth.json").exists()
