@@ -217,3 +217,61 @@ def test_resubmission_skips_done_keeps_queued_and_replaces_stale_jobs(tmp_path, 
                                    "102 JobState=PENDING Reason=Dependency\n")
     assert submit(spec, out, scripts, log=lambda *a: None) == {"s1": None, "s2": "100", "s3": "101", "s4": "102"}
     assert (tmp_path / "calls").read_text() == ""
+
+
+LATE_WORKER = """
+import os, sys, time
+time.sleep(float(os.environ["LATE"]))   # this node's workers finish their checkpoint later
+sys.exit(99)
+"""
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_launchers(tmp_path: Path, port: int, lates: list[float]) -> list[subprocess.Popen]:
+    """One wrapper per node of a fake 2-node SLURM allocation, as stage.sbatch starts them under srun."""
+    (tmp_path / "w.py").write_text(LATE_WORKER)
+    procs = []
+    for node, late in enumerate(lates):
+        env = {**os.environ, "SLURM_NODEID": str(node), "SLURMD_NODENAME": f"n{node}", "LATE": str(late),
+               "COMPT_RDZV_TIMEOUT": "60"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "compt_scale.launch.torchrun", "--exit-file", str(tmp_path / "node-{node}"),
+             "--nnodes", str(len(lates)), "--nproc_per_node", "1", "--max_restarts", "0",
+             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "t",
+             str(tmp_path / "w.py")], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    return procs
+
+
+@pytest.mark.dist
+def test_preempted_node_0_keeps_the_store_until_the_other_node_is_done(tmp_path):
+    """Node 0's workers exit 99 first and node 1's 6 s later (a slower checkpoint). When node 0's
+    launcher took the rendezvous store with it, node 1's agent lost the store, SIGTERMed its workers
+    mid-checkpoint and exited 2 ("could not complete the rendezvous"): the job was not requeued."""
+    procs = _node_launchers(tmp_path, _free_port(), lates=[0.0, 6.0])
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [PREEMPTED, PREEMPTED], outs[1][-3000:]
+    assert [(tmp_path / f"node-{n}").read_text().strip() for n in (0, 1)] == ["99", "99"]
+
+
+def test_port_taken_on_node_0_is_one_line_exit_2(tmp_path):
+    """The store cannot open on node 0: one line naming the node and the endpoint, exit 2, at once."""
+    import socket
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        (proc,) = _node_launchers(tmp_path, port, lates=[0.0])
+        out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2, out[-3000:]
+    lines = [ln for ln in out.splitlines() if ln.startswith("compt-scale: error:")]
+    assert len(lines) == 1 and "node n0 (node 0)" in lines[0], out
+    assert f"could not complete the rendezvous at 127.0.0.1:{port}" in lines[0]
+    assert "Traceback" not in out
+    assert (tmp_path / "node-0").read_text().splitlines()[0] == "2"

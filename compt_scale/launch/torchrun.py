@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..errors import EXIT_BAD_INPUT
 from ..errors import EXIT_PREEMPTED as PREEMPTED
+from . import store_host
 
 _USR1_BIT = 1 << (signal.SIGUSR1 - 1)
 
@@ -122,16 +123,25 @@ def exit_code_of(failures: dict) -> int:
 RDZV_TIMEOUT = 300  # s: every node must join (and reach the store) within this; COMPT_RDZV_TIMEOUT
 
 
-def with_store_host(argv: list[str], env) -> list[str]:
-    """Under SLURM, node 0 hosts the c10d store, said explicitly: the rendezvous endpoint is the head
-    node's resolved address (slurm/stage.sbatch), which torch's own "is that me?" test misses where
-    the node's name maps to loopback, leaving no node to host it. The join and store timeouts are
-    bounded by COMPT_RDZV_TIMEOUT, so a wrong address or port fails in minutes, not at the time limit."""
+def store_role(argv: list[str], env) -> str | None:
+    """Under SLURM (stage.sbatch's c10d rendezvous): 'host' on node 0, whose launcher owns the store
+    (launch/store_host.py says why), 'client' elsewhere; None off SLURM or with the user's own
+    --rdzv_conf (torch decides then)."""
     if "SLURM_NODEID" not in env or any(a.split("=")[0] in ("--rdzv_conf", "--rdzv-conf") for a in argv):
+        return None
+    return "host" if env["SLURM_NODEID"] == "0" else "client"
+
+
+def with_store_host(argv: list[str], env) -> list[str]:
+    """Under SLURM every agent joins the store as a client (`is_host=0`): node 0's launcher hosts it
+    at the rendezvous endpoint, the head node's resolved address (slurm/stage.sbatch), which is also
+    what torch's own "is that me?" test misses where the node's name maps to loopback. The join and
+    store timeouts are bounded by COMPT_RDZV_TIMEOUT, so a wrong address or port fails in minutes,
+    not at the time limit."""
+    if store_role(argv, env) is None:
         return argv
     timeout = rdzv_timeout(env)
-    conf = f"is_host={int(env['SLURM_NODEID'] == '0')},join_timeout={timeout},read_timeout={timeout}"
-    return ["--rdzv_conf", conf, *argv]
+    return ["--rdzv_conf", f"is_host=0,join_timeout={timeout},read_timeout={timeout}", *argv]
 
 
 def rdzv_timeout(env) -> int:
@@ -182,6 +192,25 @@ def rendezvous_watchdog(argv: list[str], env, exit_file: Path | None, started: f
     threading.Thread(target=watch, daemon=True, name="rdzv-watchdog").start()
 
 
+def run_agent(argv: list[str], started: float) -> tuple[int, str]:
+    """torchrun's agent in this process: (exit code, the one-line error or "")."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.run import parse_args, run
+    try:
+        run(parse_args(argv))
+        return 0, ""
+    except ChildFailedError as e:
+        code = exit_code_of(e.failures)
+        what = "preempted: workers checkpointed" if code == PREEMPTED else "workers failed"
+        print(f"[compt torchrun] {what} (exit codes "
+              f"{sorted({f.exitcode for f in e.failures.values()})}) -> exit {code}",
+              file=sys.stderr, flush=True)
+        return code, ""
+    except RendezvousError as e:
+        return EXIT_BAD_INPUT, rendezvous_failure(e, argv, os.environ, time.monotonic() - started)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     exit_file = None
@@ -189,29 +218,25 @@ def main(argv: list[str] | None = None) -> int:
         # "{node}" in the path becomes this node's index in the allocation (one file per node).
         exit_file = Path(argv[1].replace("{node}", os.environ.get("SLURM_NODEID", "0")))
         argv = argv[2:]
+    role = store_role(argv, os.environ)   # before with_store_host adds its own --rdzv_conf
     argv = with_store_host(argv, os.environ)
     Usr1Forwarder().install()  # first: importing torch takes seconds, USR1 must not kill us meanwhile
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous import RendezvousError
-    from torch.distributed.run import parse_args, run
-
-    error, started = "", time.monotonic()
+    started, store = time.monotonic(), None
     rendezvous_watchdog(argv, os.environ, exit_file, started)
     try:
-        run(parse_args(argv))
-        code = 0
-    except ChildFailedError as e:
-        code = exit_code_of(e.failures)
-        what = "preempted: workers checkpointed" if code == PREEMPTED else "workers failed"
-        print(f"[compt torchrun] {what} (exit codes "
-              f"{sorted({f.exitcode for f in e.failures.values()})}) -> exit {code}",
-              file=sys.stderr, flush=True)
-    except RendezvousError as e:
+        store = store_host.open_store(argv, rdzv_timeout(os.environ)) if role == "host" else None
+        code, error = run_agent(argv, started)
+    except Exception as e:   # the store's port is taken on this (the first) node
         code, error = EXIT_BAD_INPUT, rendezvous_failure(e, argv, os.environ, time.monotonic() - started)
+    if error:
         print(error, file=sys.stderr, flush=True)
     if exit_file is not None:
         exit_file.parent.mkdir(parents=True, exist_ok=True)
         exit_file.write_text(f"{code}\n{error}\n" if error else f"{code}\n")
+    if store is not None:
+        store_host.wait_for_every_node(store, store_host.nnodes_of(argv))
+    elif role == "client":
+        store_host.say_done(argv)
     return code
 
 
