@@ -17,7 +17,7 @@ stdlib corpus (`make demo`'s corpus builder), every model at a learning rate fro
 IFD weight: the paper's one fixed alpha (Supp. C: alpha = 500 "corresponding to r = 0.1" for every
 experiment): `alpha: auto` calibrated on each stage's first batches to alpha * L_IFD = 0.1 L_task, then
 held (`ifd.recalibrate: false`). `--alpha-recalibrate` re-sets it at every eval instead (the trainer's
-default): alpha then grows 20-80x within a stage as the student matches its teacher, and IFD hurts
+`ifd.recalibrate: true`): alpha then grows 20-80x within a stage as the student matches its teacher, and IFD hurts
 (README, "Does it reproduce the paper?").
 
 Everything runs through `compt-scale chain` (one process per stage, as a user runs it). Each variant

@@ -24,8 +24,10 @@ def test_auto_alpha_tracks_ratio_numeric_and_schedule_on_a_real_run(tmp_path, ti
     spec = write_spec(tmp_path / "alpha.yaml", [
         {"name": "a", "model": "llama-xs", "tokens": 20 * 4 * 32},
         # alpha: auto; batches of 16 x 32 tokens so that one step's L_IFD is not mostly noise
-        {"name": "b", "model": "llama-s", "tokens": 40 * 16 * 32, "train": {"micro_batch_size": 16}},
-        # auto, calibrated once and held (the paper's one fixed alpha): the eval at step 4 changes nothing
+        {"name": "b", "model": "llama-s", "tokens": 40 * 16 * 32, "train": {"micro_batch_size": 16},
+         "ifd": {"recalibrate": True}},
+        # auto, calibrated once and held (the paper's one fixed alpha, the default, said here to be
+        # explicit): the eval at step 4 changes nothing
         # (a number held for the stage: test_chain.py checks the manifest's alpha)
         {"name": "c", "model": "llama-m", "tokens": 9 * 16 * 32, "ifd": {"recalibrate": False},
          "train": {"micro_batch_size": 16, "eval_every": 4}},
@@ -78,7 +80,7 @@ def test_alpha_specs_validate():
     assert ok.ifd.alpha == {"schedule": "linear", "start": 2, "end": 1}
     assert alpha_at(ok.ifd.alpha, 0.0, 0, 11) == 2.0 and alpha_at(ok.ifd.alpha, 0.0, 10, 11) == 1.0
     assert alpha_at(1000.0, 1000.0, 5, 11) == 1000.0
-    assert ok.ifd.recalibrate is True and parse_chain({**raw, "ifd": {"recalibrate": False}}).ifd.recalibrate is False
+    assert ok.ifd.recalibrate is False and parse_chain({**raw, "ifd": {"recalibrate": True}}).ifd.recalibrate is True
     for bad, msg in (({"alpha": {"schedule": "cosine", "start": 1}}, "only 'linear'"),
                      ({"alpha": {"schedule": "linear"}}, "start: required"),
                      ({"alpha": {"schedule": "linear", "start": -1}}, "start: must be a number >= 0"),
