@@ -15,6 +15,7 @@ from .errors import EXIT_BAD_INPUT, CompTError
 # Order is the order shown in --help: the data flow chain -> stage -> grow -> train -> export.
 COMMAND_MODULES = [
     "compt_scale.chain.cli",      # demo, chain, stage
+    "compt_scale.chain.tune_lr",  # tune-lr
     "compt_scale.grow_cli",       # grow
     "compt_scale.planning_cli",   # plan, macs, report
     "compt_scale.launch.cli",     # slurm

@@ -128,8 +128,21 @@ def _matched(recs: list[dict], axis: str = "macs") -> list[str]:
         final = r["final_val_loss"] if r.get("final_val_loss") is not None else curve[-1][1]
         q = matched_quality(curve, r[offset_key], final, eval_curve(base["metrics"], axis), base[axis],
                             base["final_val_loss"])
-        lines.append(describe(r["name"], base["name"], q, unit))
+        lines.append(describe(r["name"], base["name"], q, unit) + _unfair_caveat(recs, base))
     return lines
+
+
+def _unfair_caveat(recs: list[dict], base: dict) -> str:
+    """What a matched-quality line against a baseline that trails the chain's smaller first model
+    at equal tokens (the fairness check below) cannot mean: the speedup is partly that handicap."""
+    first = next((r for r in recs if r["kind"] == "chain" and r.get("metrics")), None)
+    if first is None or (base.get("params") or 0) <= (first.get("params") or 0):
+        return ""
+    fair = ahead_at_equal_tokens(first["metrics"], base["metrics"])
+    if not fair["behind"]:
+        return ""
+    return (f"; NOT A FAIR MATCH: {base['name']} trails the smaller {first['name']} at {len(fair['behind'])} "
+            f"of {fair['compared']} evals at equal tokens, so this speedup partly measures its handicap")
 
 
 def _fairness(recs: list[dict]) -> list[str]:

@@ -15,5 +15,5 @@ def test_help_exits_zero():
     r = subprocess.run([sys.executable, "-m", "compt_scale.cli", "--help"], capture_output=True, text=True,
                        timeout=120, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
-    for cmd in ("chain", "stage", "grow", "plan", "macs", "report", "slurm", "demo"):
+    for cmd in ("chain", "stage", "grow", "plan", "macs", "report", "slurm", "demo", "tune-lr"):
         assert cmd in r.stdout

@@ -113,6 +113,10 @@ def test_table_matched_quality_line(run_dir):
 
 
 def test_fair_baseline_and_learning_rate_lines(run_dir):
+    # The fixture's own baseline: the matched-quality lines carry the unfairness caveat exactly when
+    # the fairness line flags the baseline.
+    before = report_table(run_dir)
+    assert ("NOT A FAIR MATCH" in before) == ("UNFAIR BASELINE" in before)
     # base-m's evals moved onto s's token grid: ahead of s at the first two, behind at the last
     s_evals = [m for m in map(json.loads, (run_dir / "s" / "metrics.jsonl").read_text().splitlines())
                if m.get("val_loss") is not None]
@@ -127,6 +131,10 @@ def test_fair_baseline_and_learning_rate_lines(run_dir):
     assert "UNFAIR BASELINE: base-m is not ahead of the smaller s at 1 of 3 evals at equal tokens: 1,149,952" in text
     assert "learning rates: s 0.001 (hidden matrices 0.001); m 0.001 (hidden matrices 0.0005); base-m 0.001" in text
     assert "UNFAIR BASELINE" in write_report(run_dir).read_text()
+    matched = [ln for ln in text.splitlines() if ln.strip().startswith("m vs base-m")]
+    assert len(matched) == 2 and all(ln.endswith("; NOT A FAIR MATCH: base-m trails the smaller s at 1 of 3 evals "
+                                                 "at equal tokens, so this speedup partly measures its handicap")
+                                     for ln in matched), matched
 
 
 def test_running_stage_falls_back_to_metrics(run_dir):
