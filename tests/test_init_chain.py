@@ -101,6 +101,13 @@ def test_chain_from_padded_tied_qwen2_zero3_two_ranks(tmp_path):
         for phase in ("built", "grown"):
             assert mem[phase]["params_held_whole"] == 0, (rank, phase, mem[phase])
             assert mem[phase]["local_numel"] <= 0.55 * mem[phase]["total_numel"], (rank, phase, mem[phase])
+        # The ZeRO-3 buffers benchmarks/memory.py names, read from the engine: half the student per
+        # rank (+ the IFD projection, ~1%, + padding), fp32 master and 2 Adam states, the training
+        # dtype (fp32 here) elsewhere.
+        bufs, half = mem["trained"]["zero3_buffers"], man["big"]["params"] / 2
+        assert 4 * half <= bufs["master_fp32_partition"] <= 4 * half * 1.02, bufs
+        assert bufs["params_16bit_partition"] == bufs["grads_partition"] == bufs["master_fp32_partition"], bufs
+        assert bufs["adam_states_fp32"] == 2 * bufs["master_fp32_partition"], bufs
     # The sharded export (several shards + index) reloads with plain transformers = the engine's logits.
     model = check_export_matches_engine(out / "big", tmp_path / "data")
     index = json.loads((out / "big" / "model" / "model.safetensors.index.json").read_text())
