@@ -8,6 +8,10 @@ Per rank, from the stage's own records (<out>/big/memory/rank<r>.json, VmHWM of 
     figure        = (peak RSS after training - peak RSS after imports) / (16 bytes x student params)
     export_extra  = rank 0's peak after the export - its peak after training, against one largest
                     parameter + one export shard (the target).
+    attribution   = that training peak split into DeepSpeed's ZeRO-3 buffers (bytes read from the
+                    engine's tensors: 16-bit and fp32 partitions, Adam states, gradient partition,
+                    reduce buckets, one sub-group's fp32 gradient and the state-init buffer, both
+                    alive at the first step's peak), the partitioned teacher, and the rest.
 
 Writes benchmarks/results/memory.json (fp32) or memory-bf16.json (or --out). `--size small` (~55M
 student, ~8M teacher) is the same figure where the host has no ~12 GB free for the ~200M one;

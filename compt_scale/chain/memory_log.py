@@ -46,18 +46,22 @@ def _nbytes(tensors) -> int:
 
 def zero3_buffers(engine) -> dict:
     """Bytes of the buffers a ZeRO-3 engine's optimizer holds on this rank, by name ({} under ZeRO
-    0-2), read from the tensors themselves. `*_peak` entries live only inside a step: the fp32
-    gradient of one sub-group (made from the 16-bit one, per sub-group, in `step`) and the buffer
-    DeepSpeed's state init hangs on every sub-group's `.grad` until the first step replaces them."""
+    0-2), read from the tensors themselves (a master copy counts only where it is its own tensor;
+    DeepSpeed 0.19 keeps one in fp32 training too). `*_peak` entries live only inside a step: the fp32
+    gradient of one sub-group (made from the training-dtype one, per sub-group, in `step`) and the
+    buffer DeepSpeed's state init hangs on every sub-group's `.grad` until the first step replaces it."""
     opt = getattr(engine, "optimizer", None)
     if opt is None or not hasattr(opt, "fp32_partitioned_groups_flat"):
         return {}
+    params = getattr(opt, "lp_param_buffer", None)
+    shared = params.untyped_storage().data_ptr() if torch.is_tensor(params) else None
     fp32 = [t for t in opt.fp32_partitioned_groups_flat if torch.is_tensor(t)]
+    master = [t for t in fp32 if t.untyped_storage().data_ptr() != shared]
     states = [v for s in opt.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
     buckets = [getattr(b, "buffer", None) for b in getattr(opt, "ipg_buckets", {}).values()]
     largest = max((t.numel() for t in fp32), default=0)
-    return {"params_16bit_partition": _nbytes([getattr(opt, "lp_param_buffer", None)]),
-            "master_fp32_partition": _nbytes(fp32),
+    return {"params_partition": _nbytes([params]),
+            "master_fp32_partition": _nbytes(master),
             "adam_states_fp32": _nbytes(states),
             "grads_partition": _nbytes([getattr(opt, "grad_partitions_flat_buffer", None)]),
             "reduce_buckets": _nbytes(buckets),
