@@ -8,6 +8,10 @@ Per rank, from the stage's own records (<out>/big/memory/rank<r>.json, VmHWM of 
     figure        = (peak RSS after training - peak RSS after imports) / (16 bytes x student params)
     export_extra  = rank 0's peak after the export - its peak after training, against one largest
                     parameter + one export shard (the target).
+    attribution   = that training peak split into DeepSpeed's ZeRO-3 buffers (bytes read from the
+                    engine's tensors: 16-bit and fp32 partitions, Adam states, gradient partition,
+                    reduce buckets, one sub-group's fp32 gradient and the state-init buffer, both
+                    alive at the first step's peak), the partitioned teacher, and the rest.
 
 Writes benchmarks/results/memory.json (fp32) or memory-bf16.json (or --out). `--size small` (~55M
 student, ~8M teacher) is the same figure where the host has no ~12 GB free for the ~200M one;
@@ -57,6 +61,18 @@ def make_teacher(d: Path, teacher: dict) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(d)
 
 
+def attribute(net_peak: int, buffers: dict, teacher_partition: int) -> dict:
+    """The training-step peak of one rank split into what holds it: DeepSpeed's ZeRO-3 buffers (sizes
+    read from the engine's tensors, chain/memory_log.zero3_buffers), the partitioned teacher, and the
+    rest (activations, gathered parameters, communication buffers, allocator)."""
+    if not buffers:
+        return {}
+    named = {k: v for k, v in buffers.items() if k != "sub_groups"}
+    named["teacher_partition"] = teacher_partition
+    return {**{f"{k}_bytes": v for k, v in named.items()}, "sub_groups": buffers["sub_groups"],
+            "named_total_bytes": sum(named.values()), "rest_bytes": net_peak - sum(named.values())}
+
+
 def run(work: Path, nproc: int, steps: int, precision: str, student: dict) -> dict:
     out = work / f"out-{nproc}"
     shutil.rmtree(out, ignore_errors=True)
@@ -78,6 +94,8 @@ def run(work: Path, nproc: int, steps: int, precision: str, student: dict) -> di
     man = json.loads((out / "manifest.json").read_text())["stages"]["big"]
     params = man["params"]
     state = 16 * params
+    teacher_partition = json.loads((out / "manifest.json").read_text())["stages"]["base"]["params"] * (
+        2 if precision == "bf16" else 4) // nproc
     ranks = []
     for r in range(nproc):
         m = json.loads((out / "big" / "memory" / f"rank{r}.json").read_text())
@@ -85,7 +103,9 @@ def run(work: Path, nproc: int, steps: int, precision: str, student: dict) -> di
         ranks.append({"rank": r, "import_baseline_bytes": base,
                       **{f"{ph}_net_bytes": m[ph]["peak_rss"] - base for ph in ("built", "grown", "trained", "exported")},
                       "figure": round((m["trained"]["peak_rss"] - base) / state, 3),
-                      "params_held_whole_after_growth": m["grown"]["params_held_whole"]})
+                      "params_held_whole_after_growth": m["grown"]["params_held_whole"],
+                      "attribution": attribute(m["trained"]["peak_rss"] - base, m["trained"].get("zero3_buffers", {}),
+                                               teacher_partition)})
     from safetensors import safe_open
     largest = 0
     for f in (out / "big" / "model").glob("*.safetensors"):

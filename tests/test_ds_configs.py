@@ -64,6 +64,8 @@ def test_fill_from_trainspec():
     assert "scheduler" not in cfg and cfg["steps_per_print"] >= 10**6
     cpu = build_ds_config(2_000_000_000, t, world_size=1, cuda=False)
     assert cpu["optimizer"]["params"]["torch_adam"] is True
+    assert cpu["optimizer"]["params"]["fused"] is True      # no per-sub-group fp32 temporaries
+    assert "fused" not in p
     off = build_ds_config(10**11, TrainSpec(), 1, cuda=False)["zero_optimization"]
     assert off["offload_optimizer"]["pin_memory"] is False   # no pinned memory without CUDA
     forced = build_ds_config(10**11, TrainSpec(zero_stage=0), 1, cuda=True)
@@ -125,7 +127,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
         moved = any(not torch.allclose(a, b.float()) for a, b in zip(after, before))
         out.append(dict(stage=eng.zero_optimization_stage(), opt=type(eng.basic_optimizer).__name__,
                         bf16=eng.bfloat16_enabled(), lr=eng.get_lr()[0], moved=moved,
-                        comm=str(eng.communication_data_type),
+                        comm=str(eng.communication_data_type), fused=eng.basic_optimizer.defaults.get("fused"),
                         global_steps=eng.global_steps))
     print("RESULT " + json.dumps(out))
 """)
@@ -157,5 +159,5 @@ def test_deepspeed_initialize_accepts_presets_on_cpu(tmp_path):
     assert [x["bf16"] for x in res] == [False] * 5 + [True, True]
     assert [x["comm"] for x in res][-2:] == ["torch.bfloat16"] * 2    # bf16 on one rank: no fp32 reduction
     for x in res:
-        assert x["opt"] == "AdamW" and x["moved"] and x["global_steps"] == 2, x
+        assert x["opt"] == "AdamW" and x["moved"] and x["global_steps"] == 2 and x["fused"] is True, x
         assert x["lr"] == pytest.approx(2e-3 * 0.5), x

@@ -101,6 +101,13 @@ def test_chain_from_padded_tied_qwen2_zero3_two_ranks(tmp_path):
         for phase in ("built", "grown"):
             assert mem[phase]["params_held_whole"] == 0, (rank, phase, mem[phase])
             assert mem[phase]["local_numel"] <= 0.55 * mem[phase]["total_numel"], (rank, phase, mem[phase])
+        # The ZeRO-3 buffers benchmarks/memory.py names, read from the engine: half the student per
+        # rank (+ the IFD projection, ~1%, + padding) in fp32, DeepSpeed's master copy of it (its own
+        # tensor even in fp32), its gradients and 2 Adam states.
+        bufs, half = mem["trained"]["zero3_buffers"], man["big"]["params"] / 2
+        assert 4 * half <= bufs["params_partition"] <= 4 * half * 1.02, bufs
+        assert bufs["master_fp32_partition"] == bufs["grads_partition"] == bufs["params_partition"], bufs
+        assert bufs["adam_states_fp32"] == 2 * bufs["params_partition"], bufs
     # The sharded export (several shards + index) reloads with plain transformers = the engine's logits.
     model = check_export_matches_engine(out / "big", tmp_path / "data")
     index = json.loads((out / "big" / "model" / "model.safetensors.index.json").read_text())

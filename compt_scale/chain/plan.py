@@ -231,7 +231,8 @@ def fit_zero3_buckets(ds_config: dict, hidden: int) -> dict:
                       ("stage3_max_live_parameters", 24 * h2), ("stage3_max_reuse_distance", 24 * h2)):
         if key in z:
             z[key] = min(int(z[key]), size)
-    # The optimizer's state init allocates one full-size (not partitioned) fp32 buffer per sub-group;
-    # DeepSpeed's default sub-group is the whole model.
+    # The optimizer's state init allocates one fp32 buffer the size of the largest sub-group (this
+    # rank's partition of it), kept until the first step; each step makes one sub-group's fp32
+    # gradient at a time. DeepSpeed's default sub-group is the whole model.
     z["sub_group_size"] = min(int(z.get("sub_group_size", 10**9)), max(24 * h2, 10**7))
     return ds_config

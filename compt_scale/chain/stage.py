@@ -25,6 +25,7 @@ from ..train import lr_rule, preemption
 from ..train.checkpoint import KEEP_CHECKPOINTS
 from ..train.distributed import init_distributed
 from ..train.ds_config import describe
+from ..train.host_memory import map_large_blocks, release_freed_host_memory
 from .diskspace import check_free_space, free_space, out_of_space
 from .lock import StageLock, heartbeat
 from .manifest import Manifest
@@ -182,10 +183,13 @@ def _universal_tag(ckpt_dir, tag, saved, world, train, ds_config, rank, name) ->
 
 def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     """plan -> materialize the student (and teacher) -> train -> export -> record."""
+    from ..train.distributed import device
     from ..train.loop import LoopConfig, train_stage
     from ..train.objective import StudentWithIFD
     family = get_family(spec.family)
     record_memory(stage_dir, rank, "start")   # the imports' peak: the baseline of the others
+    if device().type == "cpu":
+        map_large_blocks()   # tensors in host memory: freed ones go back to the OS (train/host_memory.py)
     data_dir = family.prepare(spec, data_dir_for(spec, out))
     preemption.check_startup("data preparation")  # a collective: also the barrier after preparation
     if rank == 0:
@@ -197,6 +201,7 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     plan = plan_stage(spec, name, world, out=out, data_dir=data_dir, train=resume_at.train)
     ds_config = plan.fresh_ds_config()
     student, teacher, heads = _materialize(family, plan, ds_config, stage_dir, rank)
+    release_freed_host_memory()   # the build's freed full-size tensors (train/host_memory.py)
     check_free_space(stage_dir, plan.params, keep=KEEP_CHECKPOINTS)
     universal = _universal_tag(stage_dir / "checkpoints", resume_at.tag, resume_at.saved, world, plan.train,
                                ds_config, rank, name)
@@ -211,7 +216,7 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
                           universal_tag=universal, heartbeat=heartbeat)
     result = train_stage(StudentWithIFD(family, student, heads), teacher, loop_cfg)
     engine = result.pop("engine")
-    record_memory(stage_dir, rank, "trained")
+    record_memory(stage_dir, rank, "trained", engine=engine)
     _export(family, plan, engine, data_dir, stage_dir / "model", rank)
     record_memory(stage_dir, rank, "exported")
     if rank == 0:

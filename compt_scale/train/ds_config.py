@@ -177,6 +177,9 @@ def _set_optimizer(cfg: dict, train, cuda: bool) -> None:
         params["eps"] = EPS
     if not cuda:
         params["torch_adam"] = True
+        # torch's fused CPU kernel: one pass, no per-step temporaries; the default (for-loop) AdamW
+        # makes two fp32 temporaries the size of each ZeRO sub-group (sqrt(v), then / bias correction).
+        params.setdefault("fused", True)
 
 
 

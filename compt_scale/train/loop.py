@@ -21,6 +21,7 @@ from ..data.loader import PrefetchLoader, first_batches
 from ..errors import EXIT_PREEMPTED, CompTError
 from . import checkpoint, ds_patches, lr_rule, preemption
 from .distributed import all_reduce_mean, device
+from .host_memory import release_freed_host_memory
 from .metrics import MetricsLog, StepLosses, Throughput, mfu, peak_flops
 from .objective import AutoAlpha, FrozenTeacher, StudentWithIFD, alpha_at, calibrate_alpha
 from .speedups import apply_speedups
@@ -93,6 +94,7 @@ def build_engine(student_with_ifd: StudentWithIFD, teacher: FrozenTeacher | None
                                               cfg.spec.family),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t, cfg.steps)),
         config=cfg.ds_config)
+    release_freed_host_memory()   # the partitions DeepSpeed copied into its flat buffers (host_memory.py)
     return engine
 
 
