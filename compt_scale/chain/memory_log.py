@@ -54,7 +54,7 @@ def zero3_buffers(engine) -> dict:
     if opt is None or not hasattr(opt, "fp32_partitioned_groups_flat"):
         return {}
     params = getattr(opt, "lp_param_buffer", None)
-    shared = params.untyped_storage().data_ptr() if torch.is_tensor(params) else None
+    shared = params.untyped_storage().data_ptr() if isinstance(params, torch.Tensor) else None
     fp32 = [t for t in opt.fp32_partitioned_groups_flat if torch.is_tensor(t)]
     master = [t for t in fp32 if t.untyped_storage().data_ptr() != shared]
     states = [v for s in opt.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
