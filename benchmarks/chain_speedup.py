@@ -48,15 +48,17 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 2048,
-         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-         "vocab_size": 8192}
-MODELS = {"s1": dict(LLAMA, hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
-                     intermediate_size=1024),
-          "s2": dict(LLAMA, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                     num_key_value_heads=12, intermediate_size=2048),
-          "s3": dict(LLAMA, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                     num_key_value_heads=16, intermediate_size=2816)}
+def llama_config(vocab: int, positions: int, hidden: int, layers: int, heads: int, ffn: int) -> dict:
+    """A Llama config.json (MHA, untied) of the given sizes: the benchmarks' model families."""
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": positions,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+            "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": heads, "intermediate_size": ffn}
+
+
+MODELS = {"s1": llama_config(8192, 2048, hidden=384, layers=6, heads=6, ffn=1024),
+          "s2": llama_config(8192, 2048, hidden=768, layers=12, heads=12, ffn=2048),
+          "s3": llama_config(8192, 2048, hidden=1024, layers=24, heads=16, ffn=2816)}
 # Chain budgets as fractions of the independent budget B (the paper's rule 3: decreasing along the chain).
 # With teacher forwards the chain spends 1/3.4 of the independent runs' MACs (`compt-scale plan` at B=4M:
 # 1.80P vs 0.23P + 1.36P + 4.52P; 1/1.9 with the earlier 2/3, 5/12): the 3x target is only reachable with

@@ -54,16 +54,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
+import chain_speedup  # noqa: E402  (benchmarks/ on the path first)
 
-LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 512,
-         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-         "vocab_size": 512}
-MODELS = {"s1": dict(LLAMA, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                     intermediate_size=128),
-          "s2": dict(LLAMA, hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                     intermediate_size=256),
-          "s3": dict(LLAMA, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                     intermediate_size=352)}
+MODELS = {"s1": chain_speedup.llama_config(512, 512, hidden=48, layers=2, heads=2, ffn=128),
+          "s2": chain_speedup.llama_config(512, 512, hidden=96, layers=2, heads=4, ffn=256),
+          "s3": chain_speedup.llama_config(512, 512, hidden=128, layers=4, heads=4, ffn=352)}
 CHAIN_FRACTIONS = {"s1": 1.0, "s2": 0.4, "s3": 0.25}
 BASE_LR, BASE_WIDTH = 3.0e-3, 48      # s1's rate (the demo's xs rate); wider models by lr_rule
 VARIANTS = {  # Table 4(b): per-stage overrides of the largest model's stage
@@ -192,7 +187,6 @@ def wall_clock(out: Path, stages: dict, base_name: str = "s3-indep") -> dict | N
 
 def analyse(work: Path, seeds: list[int], meta: dict) -> dict:
     """Everything finished so far: variants, lossless gaps, matched quality (MACs and seconds)."""
-    import chain_speedup
     res = {"seeds": seeds, **meta, **variant_results(work, seeds), "paper_table_4b": PAPER_4B}
     main = work / f"seed{seeds[0]}" / "iwi_ifd"
     if (main / "manifest.json").is_file():

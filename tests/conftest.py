@@ -102,5 +102,14 @@ def train_losses(stage_dir: Path) -> dict:
     return {r["step"]: (r["loss"], r["lr"]) for r in read_metrics(stage_dir) if "loss" in r}
 
 
+def reference_losses(spec: Path, out: Path, steps: int, stage: str = "a") -> dict:
+    """The uninterrupted run a resumed one is compared with: `stage` of `spec` in one go; its losses
+    by step, every step of 1..steps present."""
+    run_cli("stage", spec, "--stage", stage, "--out", out)
+    ref = train_losses(out / stage)
+    assert sorted(ref) == list(range(1, steps + 1))
+    return ref
+
+
 def last_step(stage_dir: Path) -> int:
     return max((r.get("step", 0) for r in read_metrics(stage_dir)), default=0)
