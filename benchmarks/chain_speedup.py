@@ -154,21 +154,21 @@ def analyse(out: Path) -> dict:
     return res
 
 
-def run_chain(spec_path: Path, out: Path, time_limit: float | None) -> int:
-    """`compt-scale chain` in a child; past `time_limit` seconds it gets SIGTERM (the chain forwards it
-    to the running stage, which checkpoints and stops) so that the stages already done can be analysed."""
+def run_cli(args: list[str], time_limit: float | None, env_defaults: dict | None = None) -> int:
+    """`compt-scale ARGS` in a child; past `time_limit` seconds it gets SIGTERM (a chain forwards it to
+    the running stage, which checkpoints and stops) so that what finished can be analysed."""
     # PYTHONPATH prepended, not replaced: on the GPU machine deepspeed & co. come from a `pip --target`
     # dir on it (replacing it cost the first H200 run its chain: "No module named 'deepspeed'").
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.Popen([sys.executable, "-m", "compt_scale.cli", "chain", str(spec_path), "--out", str(out)],
-                            cwd=REPO, env=dict(os.environ, PYTHONPATH=path))
+    env = {**(env_defaults or {}), **os.environ, "PYTHONPATH": path}
+    proc = subprocess.Popen([sys.executable, "-m", "compt_scale.cli", *args], cwd=REPO, env=env)
     try:
-        return proc.wait(timeout=time_limit)
+        return proc.wait(timeout=None if time_limit is None else max(1.0, time_limit))
     except subprocess.TimeoutExpired:
-        print(f"chain_speedup.py: time limit {time_limit:.0f} s reached; stopping the chain", file=sys.stderr)
+        print(f"{Path(sys.argv[0]).name}: time limit reached; stopping", file=sys.stderr)
         proc.send_signal(signal.SIGTERM)
         try:
-            return proc.wait(timeout=60)
+            return proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
             return proc.wait()
@@ -199,7 +199,7 @@ def main(argv=None):
         spec_path = work / "chain.yaml"
         spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
         t0 = time.time()
-        rc = run_chain(spec_path, work / "out", args.time_limit)
+        rc = run_cli(["chain", str(spec_path), "--out", str(work / "out")], args.time_limit)
         if not (work / "out" / "manifest.json").is_file():
             sys.exit(f"chain_speedup.py: compt-scale chain exited {rc} before any stage ran")
         res = analyse(work / "out")

@@ -40,10 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -120,21 +117,10 @@ def link_predecessors(main: Path, vdir: Path) -> None:
 
 
 def run_cli(args: list[str], deadline: float | None) -> int:
-    """`compt-scale ARGS` in a child; SIGTERM at the deadline (the stage checkpoints and exits 99)."""
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, PYTHONPATH=path)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.Popen([sys.executable, "-m", "compt_scale.cli", *args], cwd=REPO, env=env)
-    try:
-        return proc.wait(timeout=None if deadline is None else max(1.0, deadline - time.time()))
-    except subprocess.TimeoutExpired:
-        print("fidelity.py: time limit reached; stopping", file=sys.stderr)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+    """`compt-scale ARGS` in a child, OMP_NUM_THREADS=1 unless set; SIGTERM at the deadline (the stage
+    checkpoints and exits 99)."""
+    return chain_speedup.run_cli(args, None if deadline is None else deadline - time.time(),
+                                 env_defaults={"OMP_NUM_THREADS": "1"})
 
 
 def stage_record(out: Path, name: str) -> dict | None:
