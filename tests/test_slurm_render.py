@@ -158,15 +158,18 @@ def test_rendezvous_cli_with_real_slurm(slurm_cluster):
 
 def test_node_0_hosts_the_rendezvous_store():
     """torch decides "am I the store host?" by comparing names/addresses, which fails for an address
-    where the host's name maps to loopback; under SLURM the wrapper says it: node 0 hosts."""
+    where the host's name maps to loopback; under SLURM the wrapper says it: node 0's launcher hosts
+    the store itself (launch/store_host.py), so every agent, node 0's included, joins as a client."""
     from torch.distributed.run import parse_args
 
-    from compt_scale.launch.torchrun import with_store_host
+    from compt_scale.launch.torchrun import store_role, with_store_host
     base = ["--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "10.0.0.1:29742", "w.py"]
     assert parse_args(with_store_host(base, {"SLURM_NODEID": "0"})).rdzv_conf == \
-        "is_host=1,join_timeout=300,read_timeout=300"
+        "is_host=0,join_timeout=300,read_timeout=300"
     assert parse_args(with_store_host(base, {"SLURM_NODEID": "1", "COMPT_RDZV_TIMEOUT": "20"})).rdzv_conf == \
         "is_host=0,join_timeout=20,read_timeout=20"
-    assert with_store_host(base, {}) == base                                   # not under SLURM
+    assert [store_role(base, {"SLURM_NODEID": n}) for n in ("0", "1")] == ["host", "client"]
+    assert with_store_host(base, {}) == base and store_role(base, {}) is None  # not under SLURM
     own = ["--rdzv-conf", "is_host=0", *base]
+    assert store_role(own, {"SLURM_NODEID": "0"}) is None                     # the user's own wins
     assert with_store_host(own, {"SLURM_NODEID": "0"}) == own                  # the user's own wins
