@@ -1,10 +1,12 @@
 """Shared fixtures: one tiny prepared corpus per test session, and spec writing helpers."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,27 @@ def run_cli(*args, check=True, timeout=600, env=None) -> subprocess.CompletedPro
     if check and proc.returncode != 0:
         raise AssertionError(f"compt-scale {' '.join(map(str, args))} exited {proc.returncode}:\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def cli_in_process(*args, check=True, env=None) -> subprocess.CompletedProcess:
+    """`compt-scale ARGS` run in this process, as from the repo root: the same parser and command as
+    the console script, without a fresh interpreter importing torch and transformers per call (~9 s
+    each). For commands that train nothing (slurm, plan); run_cli keeps the console script covered."""
+    from compt_scale.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, redirect_stdout(out), redirect_stderr(err):
+        for k, v in (env or {}).items():
+            mp.setenv(k, v)
+        mp.chdir(REPO)
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:   # argparse's own errors, as the console script would exit
+            code = e.code if isinstance(e.code, int) else 1
+    proc = subprocess.CompletedProcess(["compt-scale", *map(str, args)], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"compt-scale {' '.join(map(str, args))} exited {code}:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
     return proc
 
 

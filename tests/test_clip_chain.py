@@ -83,6 +83,7 @@ def two_ranks(tmp_path_factory):
     return tmp / "out"
 
 
+@pytest.mark.heavy   # make test keeps the users' configuration: the ZeRO-3 2-rank grown chain below
 def test_three_stage_clip_chain_one_rank(one_rank, monkeypatch):
     out, proc = one_rank
     manifest = json.loads((out / "manifest.json").read_text())["stages"]
@@ -124,6 +125,7 @@ def test_clip_chain_zero3_two_ranks(two_ranks, monkeypatch):
     assert os.path.getsize(out / "s" / "model" / "open_clip_model.safetensors") > 4 * 2_000_000
 
 
+@pytest.mark.heavy
 def test_two_ranks_train_on_the_global_batch(one_rank, two_ranks):
     """Features are gathered with grad across ranks, so 2 ranks x 8 train exactly like 1 rank x 16 on
     the same samples: the same first loss (near log 16, not log 8) and the same trajectory after."""

@@ -16,7 +16,8 @@ from compt_scale.chain.manifest import Manifest
 from conftest import REPO, last_step, read_metrics, train_losses
 from slurm_cluster import PREEMPT_STEPS
 
-pytestmark = [pytest.mark.slow, pytest.mark.dist]
+# heavy: test_multinode proves the same wrapper's USR1 -> exit 99 -> resumed losses across two nodes
+pytestmark = [pytest.mark.slow, pytest.mark.dist, pytest.mark.heavy]
 
 
 def test_torchrun_launcher_usr1_checkpoints_exits_99_and_resumes_to_same_losses(tmp_path, preempt_reference):

@@ -12,7 +12,6 @@ for the losses; SLURM's own job records; the checkpoint files on disk.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -21,7 +20,6 @@ import signal
 import socket
 import subprocess
 import time
-from contextlib import redirect_stderr, redirect_stdout
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +28,7 @@ import pytest
 
 from compt_scale.chain.manifest import Manifest
 from compt_scale.chain.runner import stage_command
-from conftest import REPO, last_step, train_losses, write_spec
+from conftest import REPO, cli_in_process, last_step, train_losses, write_spec
 
 pytest_plugins = ["slurm_cluster"]
 # Whole stages on a 2-core box shared with other work: more than the suite's 600 s per test.
@@ -45,18 +43,9 @@ RDZV_TIMEOUT = 10      # COMPT_RDZV_TIMEOUT for the wrong-rendezvous jobs
 
 
 def slurm_cli(cluster, *args) -> str:
-    """`compt-scale slurm ARGS` run in this process (its stdout), as from the repo root with the
-    cluster's SLURM_CONF: the same parser and command as the console script, without a fresh
-    interpreter importing torch and transformers for each call (~10 CPU-s each on this box;
-    tests/test_slurm_chain.py runs the console script itself)."""
-    from compt_scale.cli import main
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, redirect_stdout(out), redirect_stderr(err):
-        mp.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
-        mp.chdir(REPO)
-        code = main(["slurm", *map(str, args)])
-    assert code == 0, f"compt-scale slurm {' '.join(map(str, args))} exited {code}:\n{out.getvalue()}\n{err.getvalue()}"
-    return out.getvalue()
+    """`compt-scale slurm ARGS` in this process with the cluster's SLURM_CONF (its stdout);
+    tests/test_slurm_chain.py runs the console script itself."""
+    return cli_in_process("slurm", *args, env={"SLURM_CONF": cluster.env["SLURM_CONF"]}).stdout
 
 
 def log_of(out: Path, stage: str, job: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY_DATA, TINY_TRAIN, run_cli
+from conftest import REPO, TINY_DATA, TINY_TRAIN, cli_in_process, run_cli
 
 
 def _spec(d: Path, name="odd-chain_1.0", file="my spec 'odd' $HOME `x`.yaml", stages=None) -> Path:
@@ -33,7 +33,7 @@ def test_odd_but_valid_values_stay_quoted(tmp_path):
     spec = _spec(tmp_path)
     out = tmp_path / "out"
     env_value = "a b 'c' \"d\" $HOME `id` ; exit 3"
-    run_cli("slurm", spec, "--out", out, "--partition", "gpu-a100_x", "--time", "1-00:00:00",
+    cli_in_process("slurm", spec, "--out", out, "--partition", "gpu-a100_x", "--time", "1-00:00:00",
             "--env", f"ODD={env_value}", "--sbatch-arg=--comment=odd,value", "--gpus-per-node", "8")
     script = out / "slurm" / "s_1-a.sbatch"
     text = script.read_text()
@@ -63,7 +63,6 @@ def test_odd_but_valid_values_stay_quoted(tmp_path):
     assert got == env_value
 
 
-@pytest.mark.slow   # a CLI process per case
 @pytest.mark.parametrize("args, needle", [
     (["--warn-seconds", "-300"], "--warn-seconds"),
     (["--warn-seconds", "0"], "--warn-seconds"),
@@ -75,7 +74,8 @@ def test_odd_but_valid_values_stay_quoted(tmp_path):
     (["--cpus-per-task", "0"], "--cpus-per-task"),
 ])
 def test_bad_slurm_values_are_one_line(tmp_path, args, needle):
-    r = run_cli("slurm", _spec(tmp_path, file="c.yaml"), "--out", tmp_path / "out", *args, check=False)
+    # in-process (the console script's one-line errors: test_spec_name_with_newline... below)
+    r = cli_in_process("slurm", _spec(tmp_path, file="c.yaml"), "--out", tmp_path / "out", *args, check=False)
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(err) == 1 and needle in err[0], r.stderr
     assert not (tmp_path / "out" / "slurm").exists()
@@ -95,7 +95,7 @@ def test_resource_defaults_and_overrides(tmp_path):
 
     def render(*args):
         out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
-        run_cli("slurm", spec, "--out", out, *args)
+        cli_in_process("slurm", spec, "--out", out, *args)
         return _directives((out / "slurm" / "s2.sbatch").read_text())
 
     gpu = render("--gpus-per-node", "8")
@@ -114,9 +114,9 @@ def test_warn_seconds_auto_from_checkpoint_size(tmp_path):
     assert auto_warn_seconds(7_000_000_000, "bf16", 4) == 180 + 49       # 4 nodes write in parallel
     assert auto_warn_seconds(1_000_000, "fp32", 1) == 181
     out = tmp_path / "out"
-    run_cli("slurm", _spec(tmp_path, file="c.yaml"), "--out", out, "--warn-seconds", "auto", "--time", "10")
+    cli_in_process("slurm", _spec(tmp_path, file="c.yaml"), "--out", out, "--warn-seconds", "auto", "--time", "10")
     assert "--signal=B:USR1@181" in _directives((out / "slurm" / "s2.sbatch").read_text())  # llama-s: < 1M params
-    r = run_cli("slurm", _spec(tmp_path, file="c.yaml"), "--out", out, "--warn-seconds", "auto", "--time", "3",
+    r = cli_in_process("slurm", _spec(tmp_path, file="c.yaml"), "--out", out, "--warn-seconds", "auto", "--time", "3",
                 check=False)
     assert r.returncode == 2 and "time limit (180 s)" in r.stderr, r.stderr
 

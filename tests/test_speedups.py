@@ -67,6 +67,7 @@ def test_stage_with_liger_on_exits_2_in_one_line(tmp_path, tiny_data):
     assert proc.stderr.strip().splitlines()[-1].startswith("compt-scale: error: train.liger: on, but no CUDA")
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_compiled_student_matches_eager(tmp_path, tiny_data):
     """One tiny model, 3 steps, train.compile on vs off (inductor on CPU: slow, hence tiny)."""
@@ -82,6 +83,7 @@ def test_compiled_student_matches_eager(tmp_path, tiny_data):
     torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_compiled_teacher_features_match_eager():
     fam = get_family("hf_decoder")

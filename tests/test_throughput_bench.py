@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_throughput_benchmark_runs_all_three_setups(tmp_path):
     out = tmp_path / "tp.json"
