@@ -188,8 +188,6 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     from ..train.objective import StudentWithIFD
     family = get_family(spec.family)
     record_memory(stage_dir, rank, "start")   # the imports' peak: the baseline of the others
-    if device().type == "cpu":
-        map_large_blocks()   # tensors in host memory: freed ones go back to the OS (train/host_memory.py)
     data_dir = family.prepare(spec, data_dir_for(spec, out))
     preemption.check_startup("data preparation")  # a collective: also the barrier after preparation
     if rank == 0:
@@ -200,6 +198,11 @@ def _run(spec, name, out, stage_dir, resume, rank, world, manifest) -> dict:
     resume_at = _resume_point(stage_dir / "checkpoints", resume, spec.train_for(spec.stage(name)), world)
     plan = plan_stage(spec, name, world, out=out, data_dir=data_dir, train=resume_at.train)
     ds_config = plan.fresh_ds_config()
+    if device().type == "cpu" and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        # ZeRO-3 on CPU ranks: freed gathered parameters go back to the OS (train/host_memory.py). Not
+        # under ZeRO 0-2: there it only makes every large activation a fresh mapping (2x per step,
+        # measured on the demo's m), with no gathered parameters to give back.
+        map_large_blocks()
     student, teacher, heads = _materialize(family, plan, ds_config, stage_dir, rank)
     release_freed_host_memory()   # the build's freed full-size tensors (train/host_memory.py)
     check_free_space(stage_dir, plan.params, keep=KEEP_CHECKPOINTS)
