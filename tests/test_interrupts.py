@@ -49,6 +49,14 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+def lock_holder(stage_dir: Path) -> int | None:
+    """The pid in a stage's lock, or None while it is absent or half-written."""
+    try:
+        return int(json.loads((stage_dir / ".lock").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def test_sigterm_to_chain_stops_its_stage_and_resume_continues_once(tmp_path, tiny_data):
     steps = 60
     spec = write_spec(tmp_path / "c.yaml", [{"name": "a", "model": "llama-xs", "tokens": steps * 4 * 32}],
@@ -159,11 +167,19 @@ def test_signals_between_stages_sighup_and_a_deleted_export(tmp_path, tiny_data)
                       data_dir=tiny_data, train={"save_every": 3, "eval_every": 1000}, ifd={"enabled": False})
     out = tmp_path / "out"
     chain = start("chain", spec, "--out", out, "--no-baselines")
-    # a's final record is written after its last step, before its export and `done`.
-    wait_for(lambda: any(r.get("final") for r in read_metrics(out / "a")), chain, what="a's last step")
-    # The stage is paused while the signal lands, so it is surely between its last step and its end.
-    stage_pid = json.loads((out / "a" / ".lock").read_text())["pid"]
-    os.kill(stage_pid, signal.SIGSTOP)
+    wait_for(lambda: lock_holder(out / "a") is not None, chain, what="stage a's lock")
+    stage_pid = lock_holder(out / "a")
+    # a's final record is written after its last step, before its checkpoint, export and `done`. The
+    # stage is looked at only while paused, so when the record is seen it is surely between its last
+    # step and its end (on a loaded machine it could otherwise finish before this test reacts).
+    deadline = time.time() + 300
+    while True:
+        os.kill(stage_pid, signal.SIGSTOP)
+        if any(r.get("final") for r in read_metrics(out / "a")):
+            break
+        os.kill(stage_pid, signal.SIGCONT)
+        assert chain.poll() is None and time.time() < deadline, "a's last step never came"
+        time.sleep(0.05)
     chain.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     os.kill(stage_pid, signal.SIGCONT)
