@@ -115,4 +115,4 @@ def describe_fairness(big: str, small: str, r: dict) -> str:
         return f"fair baseline: {big} is ahead of the smaller {small} at equal tokens at all {r['compared']} evals"
     at = ", ".join(f"{t:,} tokens ({vb:.3f} vs {vs:.3f})" for t, vb, vs in r["behind"][:4])
     return (f"UNFAIR BASELINE: {big} is not ahead of the smaller {small} at {len(r['behind'])} of {r['compared']} "
-            f"evals at equal tokens: {at}; its recipe (lr, warm-up) handicaps it")
+            f"evals at equal tokens: {at}; its recipe (lr, warm-up) may handicap it")
