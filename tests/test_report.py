@@ -135,6 +135,15 @@ def test_fair_baseline_and_learning_rate_lines(run_dir):
     assert len(matched) == 2 and all(ln.endswith("; NOT A FAIR MATCH: base-m trails the smaller s at 1 of 3 evals "
                                                  "at equal tokens, so this speedup partly measures its handicap")
                                      for ln in matched), matched
+    # A baseline the chain never reaches: no speedup, so no caveat on it; the fairness line stays.
+    lines = [dict(m, val_loss=m["val_loss"] + (0.5 if i == 0 else -0.5)) for i, m in enumerate(s_evals)]
+    (run_dir / "base-m" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    manifest["stages"]["base-m"]["final_val_loss"] = 0.1   # below every loss m ever logged
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    text = report_table(run_dir)
+    assert "UNFAIR BASELINE: base-m is not ahead of the smaller s at 1 of 3 evals at equal tokens" in text
+    matched = [ln for ln in text.splitlines() if ln.strip().startswith("m vs base-m")]
+    assert len(matched) == 2 and all("never reaches" in ln and "NOT A FAIR MATCH" not in ln for ln in matched), matched
 
 
 def test_running_stage_falls_back_to_metrics(run_dir):
