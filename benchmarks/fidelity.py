@@ -29,10 +29,10 @@ Sizing (full run, the default): vocab 512, seq 64, micro-batch 16 (1,024 tokens 
 s2 0.32M, s3 0.93M parameters (3.1x, 2.9x); B = 1M tokens (977 steps); s2 0.4 B, s3 0.25 B in the
 chain; 2 seeds; the independent s3 on seed 0 first, the independent s2 last (every seed's chain is
 compared with these seed-0 baselines). Cost: ~4 B of s3-equivalent tokens plus 15 stage processes;
-on an idle 2-core machine an s3 step takes ~0.1 s (9-10 steps/s), the run ~15-20 minutes. Run nothing
+on an idle 2-core machine an s3 step takes ~0.1 s (9-10 steps/s); the whole run took 11 min 9 s. Run nothing
 else beside it: two processes with two OpenMP threads each on two cores made a step 15x slower here.
 Convergence (the largest model's independent run improving < 1% over its last 20%) is NOT reached at
-this size: s3 alone improved 3.3% over its last 20% at B = 1M and 3.1% at B = 3M (val 1.964 -> 1.707:
+this size: s3 alone improved 2.7-3.3% over its last 20% at B = 1M and 3.1% at B = 3M (val 1.964 -> 1.707:
 still far from saturation, and the cosine anneal alone gives ~2-3% over the last 20%); the JSON says
 so (`independent_converged`, and the drop per baseline), and README "Does it reproduce the paper?"
 reads the figures with that caveat. Stages run with OMP_NUM_THREADS=1 if unset (set 2 on an idle

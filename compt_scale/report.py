@@ -128,17 +128,16 @@ def _matched(recs: list[dict], axis: str = "macs") -> list[str]:
         final = r["final_val_loss"] if r.get("final_val_loss") is not None else curve[-1][1]
         q = matched_quality(curve, r[offset_key], final, eval_curve(base["metrics"], axis), base[axis],
                             base["final_val_loss"])
-        # No speedup claimed (never reached): there is nothing for the caveat to qualify.
-        caveat = _unfair_caveat(recs, base) if q["chain_macs_to_match"] is not None else ""
-        lines.append(describe(r["name"], base["name"], q, unit) + caveat)
+        lines.append(describe(r["name"], base["name"], q, unit) + _unfair_caveat(recs, base, q))
     return lines
 
 
-def _unfair_caveat(recs: list[dict], base: dict) -> str:
+def _unfair_caveat(recs: list[dict], base: dict, q: dict) -> str:
     """What a matched-quality line against a baseline that trails the chain's smaller first model
-    at equal tokens (the fairness check below) cannot mean: the speedup is partly that handicap."""
+    at equal tokens (the fairness check below) cannot mean: the speedup is partly that handicap.
+    A line that claims no speedup (`q`: the chain never reached the baseline) has nothing to qualify."""
     first = next((r for r in recs if r["kind"] == "chain" and r.get("metrics")), None)
-    if first is None or (base.get("params") or 0) <= (first.get("params") or 0):
+    if q["chain_macs_to_match"] is None or first is None or (base.get("params") or 0) <= (first.get("params") or 0):
         return ""
     fair = ahead_at_equal_tokens(first["metrics"], base["metrics"])
     if not fair["behind"]:
