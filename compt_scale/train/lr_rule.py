@@ -6,7 +6,8 @@ keeps train.lr: the embeddings (token and position), the output head, norms and 
 a model of the chain: the demo uses lr 1.2e-2 with W0 = 16, i.e. embeddings at 1.2e-2 and xs's
 (W = 64) hidden matrices at 3e-3, the two rates its sweep found (README, "What `make demo` does").
 The chain's models and their independent baselines go through the same rule (both are stages of
-one spec), so a baseline is never handicapped by a rate tuned for a smaller model. Without `lr_base_width` every parameter gets `train.lr` (the old behaviour).
+one spec), so a baseline is never handicapped by a rate tuned for a smaller model. Without
+`lr_base_width` every parameter gets `train.lr` (the old behaviour).
 
 What this is not: full muP also rescales the initialization and the output logits (1/W multiplier);
 here only the learning rates are scaled, the models keep Hugging Face's own init. The rule is applied
