@@ -118,6 +118,7 @@ class TrainSpec:
     grad_accum: int = 1
     lr: float = 2e-3
     lr_base_width: int | None = None   # muP-style: hidden matrices at lr * this / hidden_size (train/lr_rule.py)
+    zero_init_residual: bool = False   # from-scratch students: residual outputs start at 0 (train/init_rule.py)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.1

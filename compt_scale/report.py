@@ -147,15 +147,18 @@ def _unfair_caveat(recs: list[dict], base: dict, q: dict) -> str:
 
 
 def _fairness(recs: list[dict]) -> list[str]:
-    """Each baseline against the chain's first (smallest) model at equal tokens, and the learning
-    rate every stage trained at (train/lr_rule.py): the recipe a reader needs to judge the baseline."""
+    """Each baseline against the chain's first (smallest) model at equal tokens, the learning rate
+    every stage trained at (train/lr_rule.py) and how each started (train/init_rule.py): the recipe
+    a reader needs to judge the baseline."""
     first = next((r for r in recs if r["kind"] == "chain" and r.get("metrics")), None)
     lines = [describe_fairness(b["name"], first["name"], ahead_at_equal_tokens(first["metrics"], b["metrics"]))
              for b in recs if first is not None and b["kind"] == "baseline" and b.get("metrics")
              and (b.get("params") or 0) > (first.get("params") or 0)]
     rates = [f"{r['name']} {r['lr']:.3g} (hidden matrices {r['hidden_lr']:.3g})" for r in recs if r.get("lr")]
     rule = next((r["lr_rule"] for r in reversed(recs) if r.get("lr_rule")), None)
-    return lines + ([f"learning rates: {'; '.join(rates)}; rule: {rule}"] if rates else [])
+    inits = [f"{r['name']}: {r['init']}" for r in recs if r.get("init")]
+    return (lines + ([f"learning rates: {'; '.join(rates)}; rule: {rule}"] if rates else [])
+            + ([f"init: {'; '.join(inits)}"] if inits else []))
 
 
 def _fmt(v, kind: str) -> str:

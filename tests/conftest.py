@@ -65,6 +65,18 @@ def run_cli(*args, check=True, timeout=600, env=None) -> subprocess.CompletedPro
     return proc
 
 
+def run_ranks(script: Path, *args, world: int = 2, timeout: int = 240) -> None:
+    """`script ARGS` on `world` CPU ranks under torch.distributed.run (gloo, one thread each, a free
+    port); fails the test with the tail of its output unless every rank exits 0."""
+    from compt_scale.train.distributed import free_port
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script),
+                        *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+
+
 def cli_in_process(*args, check=True, env=None) -> subprocess.CompletedProcess:
     """`compt-scale ARGS` run in this process, as from the repo root: the same parser and command as
     the console script, without a fresh interpreter importing torch and transformers per call (~9 s

@@ -4,13 +4,13 @@ parameter gathered at a time; the result must equal the in-memory registry's gro
 The test launches this file itself under torch.distributed.run; the worker is `_worker` below.
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import run_ranks
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
@@ -22,11 +22,7 @@ TGT = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 8, "nu
 
 
 def test_zero3_two_ranks_matches_grow_state(tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(29500 + os.getpid() % 1000), __file__, str(tmp_path)],
-                       capture_output=True, text=True, timeout=240, env=env)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    run_ranks(Path(__file__), tmp_path)
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["partitioned"], res          # parameters really were ZeRO-3 shards
     assert res["n_params"] > 30

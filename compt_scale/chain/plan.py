@@ -83,6 +83,13 @@ class StagePlan:
         student's own init and uses the predecessor only as the teacher; an init: dir is always read)."""
         return self.source is not None and (self.growth.init == "grow" or self.source.kind == "init")
 
+    @property
+    def init(self) -> str:
+        """How the student starts: `plan` prints it, the manifest records it, the stage does it."""
+        from ..train.init_rule import describe
+        src = self.source
+        return describe(self.train, self.grown, None if src is None else (src.stage or f"init: {src.path}"))
+
     @cached_property
     def replicate_teacher(self) -> bool:
         """Under a ZeRO-3 student, a teacher whose weights fit is replicated rather than partitioned

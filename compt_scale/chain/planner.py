@@ -193,7 +193,7 @@ def plan_rows(spec, world: int | None = None) -> list[dict]:
         rows.append(dict(kind="chain", name=st.name, model=st.model, params=plan.params, ratio=ratio,
                          tokens=plan.tokens, steps=plan.steps, **plan.cost(), accumulated_macs=acc,
                          warnings=_warnings(spec, i, plan, ratio),
-                         basis=basis.get(st.name, "spec: stages[].tokens"),
+                         basis=basis.get(st.name, "spec: stages[].tokens"), init=plan.init,
                          **lr_rule.describe(plan.train, plan.student, spec.family)))
         prev_params = plan.params
     for st in spec.baselines:
@@ -201,7 +201,7 @@ def plan_rows(spec, world: int | None = None) -> list[dict]:
         rows.append(dict(kind="baseline", name=st.name, model=st.model, params=plan.params, ratio=None,
                          tokens=plan.tokens, steps=plan.steps, **plan.cost(), accumulated_macs=None, warnings=[],
                          basis="budget.baseline_tokens" if spec.budget else "spec: baselines[].tokens",
-                         **lr_rule.describe(plan.train, plan.student, spec.family)))
+                         init=plan.init, **lr_rule.describe(plan.train, plan.student, spec.family)))
     return rows
 
 
@@ -284,6 +284,8 @@ def format_plan(spec, world: int | None = None) -> str:
         lines.append(f"  {r['name']}: tokens <- {r['basis']}")
     for r in rows:   # the learning rate per model size (train/lr_rule.py)
         lines.append(f"  {r['name']}: lr {r['lr']:.3g}, hidden matrices {r['hidden_lr']:.3g} <- {r['lr_rule']}")
+    for r in rows:   # how each student starts (train/init_rule.py)
+        lines.append(f"  {r['name']}: init <- {r['init']}")
     lines.append(f"  {spec.stages[0].name}: model size <- rule 1 (the smallest model sized to the data): "
                  + ("checked as tokens/param" if spec.family in COMPUTE_OPTIMAL_TOKENS_PER_PARAM
                     else f"not checked for {spec.family} (no compute-optimal ratio)"))

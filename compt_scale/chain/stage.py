@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ..config import ChainSpec
 from ..errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, CompTError
 from ..families import get_family
-from ..train import lr_rule, preemption
+from ..train import init_rule, lr_rule, preemption
 from ..train.checkpoint import KEEP_CHECKPOINTS
 from ..train.distributed import init_distributed
 from ..train.ds_config import describe
@@ -240,6 +240,8 @@ def _materialize(family, plan: StagePlan, ds_config: dict, stage_dir: Path, rank
     from ..train.objective import FrozenTeacher
     io, src = family.io, plan.source
     student = io.build_student(plan.student, plan.seed, ds_config)
+    if plan.train.zero_init_residual and not plan.grown:
+        init_rule.zero_residual_outputs(student, plan.student)
     record_memory(stage_dir, rank, "built", student)
     if plan.grown:
         assert src is not None and src.path is not None  # grown: from its source (the run plans with --out)
@@ -282,6 +284,7 @@ def _record_done(manifest: Manifest, plan: StagePlan, result: dict, ds_config: d
         teacher=plan.source.stage if plan.source is not None else None,   # the predecessor (None: init: or first)
         seconds=result["seconds"], gpu_seconds=result["gpu_seconds"], growth=plan.growth.__dict__ if plan.source and plan.source.kind == "predecessor"
         else None, zero_stage=ds_config["zero_optimization"]["stage"],
+        init=plan.init,
         **lr_rule.describe(plan.train, plan.student, plan.spec.family))
 
 

@@ -10,8 +10,10 @@ one spec), so a baseline is never handicapped by a rate tuned for a smaller mode
 `lr_base_width` every parameter gets `train.lr` (the old behaviour).
 
 What this is not: full muP also rescales the initialization and the output logits (1/W multiplier);
-here only the learning rates are scaled, the models keep Hugging Face's own init. The rule is applied
-to decoders (hidden_size); other families reject it with one line.
+here only the learning rates are scaled, the models keep Hugging Face's own init (or start their
+residual branches at zero: `train.zero_init_residual`, train/init_rule.py, which the demo adds because
+HF's width-independent init std made its wide baseline slow to start). The rule is applied to
+decoders (hidden_size); other families reject it with one line.
 """
 from __future__ import annotations
 
