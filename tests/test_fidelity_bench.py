@@ -68,7 +68,9 @@ def test_quick_run_end_to_end(tmp_path):
     assert (tmp_path / "w" / "seed0" / "iwi_ifd" / "s3" / "growth.json").exists()
     gap = (stages["s3"]["final_val_loss"] - stages["s3-indep"]["final_val_loss"]) / stages["s3-indep"]["final_val_loss"]
     assert res["lossless"]["s3"]["val_loss_rel_gap"] == pytest.approx(gap)
-    # the width rule: s3 (hidden 128) trains its hidden matrices at 3e-3 x 48 / 128, as its baseline
+    # by hand: the chain's s3 trains on 0.25 B, its baseline on 2 B (trained to convergence)
+    assert (stages["s3"]["tokens"], stages["s3-indep"]["tokens"]) == (2048, 16384)
+    assert res["independent_tokens"] == 16384
     # by hand: BASE_LR 3e-3 x BASE_WIDTH 12 / s3 hidden 48, the same for the chain s3 and its baseline
     assert stages["s3"]["hidden_lr"] == pytest.approx(7.5e-4) == stages["s3-indep"]["hidden_lr"]
     assert out.with_suffix(".png").stat().st_size > 10_000
