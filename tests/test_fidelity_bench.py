@@ -71,6 +71,10 @@ def test_quick_run_end_to_end(tmp_path):
     # by hand: the chain's s3 trains on 0.25 B, its baseline on 2 B (trained to convergence)
     assert (stages["s3"]["tokens"], stages["s3-indep"]["tokens"]) == (2048, 16384)
     assert res["independent_tokens"] == 16384
-    # by hand: BASE_LR 3e-3 x BASE_WIDTH 12 / s3 hidden 48, the same for the chain s3 and its baseline
-    assert stages["s3"]["hidden_lr"] == pytest.approx(7.5e-4) == stages["s3-indep"]["hidden_lr"]
+    # s3-indep evaluates at s1's token counts: all of s1's evals are compared (a check on no evals is no check)
+    s1_evals = [r["tokens"] for r in map(json.loads, (tmp_path / "w/seed0/iwi_ifd/s1/metrics.jsonl").open())
+                if r.get("val_loss") is not None]
+    assert res["fair_baseline"]["compared"] == len(set(s1_evals)) > 0
+    # by hand: BASE_LR 6e-3 x BASE_WIDTH 12 / s3 hidden 48, the same for the chain s3 and its baseline
+    assert stages["s3"]["hidden_lr"] == pytest.approx(1.5e-3) == stages["s3-indep"]["hidden_lr"]
     assert out.with_suffix(".png").stat().st_size > 10_000
