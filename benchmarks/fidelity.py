@@ -38,8 +38,7 @@ improves < 1% over its last 20%) within ~30-40 CPU minutes. A 0.93M s3 improved 
 and still 1.15% at 40M (val 2.131, inside a full run): its cosine anneal alone gives ~1%. At micro-batch
 64 (less gradient noise, less for the anneal to remove) s3 alone improved 0.75% at lr 3e-3 and 0.76% at
 6e-3 over the last 20% of 40M tokens (val 2.173 and 2.156): converged by the criterion, and 6e-3 the
-better rate. Each stage evaluates EVALS
-times on the whole val split. Cost: ~6.5 B of s3-equivalent tokens plus 15 stage processes; see README
+better rate. Each stage evaluates EVALS times on the whole val split. Cost: ~6.5 B of s3-equivalent tokens plus 15 stage processes; see README
 "Does it reproduce the paper?" for the measured wall time. Run nothing else beside it: two processes
 with two OpenMP threads each on two cores made a step 15x slower here. The JSON says whether the
 independent s3 converged (`independent_converged`, and the drop per baseline). Stages run with
@@ -111,7 +110,7 @@ def chain_spec(work: Path, seed: int, budget: int, variant: str, baselines: list
     evals = 6 if quick else EVALS   # val points per stage (matched-quality and convergence interpolation)
 
     def stage(name, model, tokens, eval_tokens=None, **extra):
-        """`eval_tokens`: the stage whose eval spacing this one shares (default: itself)."""
+        """`eval_tokens`: the budget whose eval spacing this stage takes (default: its own tokens)."""
         steps = max(1, tokens // (seq * mb))
         every = max(1, int(eval_tokens or tokens) // (seq * mb) // evals)
         return {"name": name, "model": str(paths[model]), "tokens": int(tokens), **extra,
