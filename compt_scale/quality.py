@@ -99,19 +99,21 @@ def ahead_at_equal_tokens(small: list[dict], big: list[dict]) -> dict:
     """A fair baseline check: a larger model trained with a recipe suited to it is ahead of a smaller
     one at equal tokens. `small` and `big` are metrics.jsonl records; the evals compared are those at
     the same token counts (eval lines and the final line). Keys: compared (how many), behind: the
-    (tokens, big's val, small's val) where the larger model is not strictly ahead."""
+    (tokens, big's val, small's val) where the larger model is not strictly ahead; ahead: compared
+    at least once and never behind (no common evals is no evidence of a fair baseline)."""
     def points(metrics):
         return {int(m["tokens"]): float(m["val_loss"]) for m in metrics
                 if m.get("val_loss") is not None and m.get("tokens") is not None}
     s, b = points(small), points(big)
     common = sorted(set(s) & set(b))
-    return {"compared": len(common), "behind": [(t, b[t], s[t]) for t in common if b[t] >= s[t]]}
+    behind = [(t, b[t], s[t]) for t in common if b[t] >= s[t]]
+    return {"compared": len(common), "behind": behind, "ahead": bool(common) and not behind}
 
 
 def describe_fairness(big: str, small: str, r: dict) -> str:
     if not r["compared"]:
         return f"fair baseline: {big} and {small} have no evals at equal tokens to compare"
-    if not r["behind"]:
+    if r["ahead"]:
         return f"fair baseline: {big} is ahead of the smaller {small} at equal tokens at all {r['compared']} evals"
     at = ", ".join(f"{t:,} tokens ({vb:.3f} vs {vs:.3f})" for t, vb, vs in r["behind"][:4])
     return (f"UNFAIR BASELINE: {big} is not ahead of the smaller {small} at {len(r['behind'])} of {r['compared']} "

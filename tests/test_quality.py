@@ -61,10 +61,14 @@ def test_baseline_ahead_at_equal_tokens():
     big = [{"step": 2, "tokens": 200, "val_loss": 4.9}, {"step": 3, "tokens": 300, "val_loss": 4.2},
            {"step": 4, "tokens": 400, "val_loss": 3.9}, {"final": True, "tokens": 600, "val_loss": 3.5}]
     r = ahead_at_equal_tokens(small, big)      # compared at 200, 400, 600 tokens (300: small has none)
-    assert r == {"compared": 3, "behind": []}
+    assert r == {"compared": 3, "behind": [], "ahead": True}
     assert "ahead of the smaller xs at equal tokens at all 3 evals" in describe_fairness("m", "xs", r)
     big[2]["val_loss"] = 4.0                    # a tie is not ahead
     big[3]["val_loss"] = 3.7
     r = ahead_at_equal_tokens(small, big)
-    assert r == {"compared": 3, "behind": [(400, 4.0, 4.0), (600, 3.7, 3.6)]}
+    assert r == {"compared": 3, "behind": [(400, 4.0, 4.0), (600, 3.7, 3.6)], "ahead": False}
     assert describe_fairness("m", "xs", r).startswith("UNFAIR BASELINE: m is not ahead of the smaller xs at 2 of 3")
+    # evals at other token counts only: nothing compared, so no claim either way
+    r = ahead_at_equal_tokens(small, [{"step": 3, "tokens": 300, "val_loss": 1.0}])
+    assert r == {"compared": 0, "behind": [], "ahead": False}
+    assert "no evals at equal tokens" in describe_fairness("m", "xs", r)
